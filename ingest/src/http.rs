@@ -1,0 +1,286 @@
+//! The back-office HTTP API: health, metrics, stations and id tokens, and
+//! remote commands to stations connected to this node. Handlers are plain
+//! async functions; every error is one [`ApiError`] rendered as JSON.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    registry::{IdTokenRecord, IdTokenStatus},
+    server::Node,
+    session::{self, CallAnswer, CallFailure},
+};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: Arc<Node>,
+    pub admin_token: Arc<str>,
+    pub metrics: PrometheusHandle,
+}
+
+/// An API failure: the status and a message saying what is wrong.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError(status, msg.into())
+}
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/stations", get(list_stations).post(add_station))
+        .route("/stations/{id}", get(get_station).delete(remove_station))
+        .route("/stations/{id}/commands/{action}", post(command))
+        .route("/id-tokens", get(list_tokens).post(add_token))
+        .route("/id-tokens/{token}", axum::routing::delete(remove_token))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .nest("/api", api)
+        .with_state(state)
+}
+
+async fn require_admin(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => Err(err(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <admin token>",
+        )),
+        Some(t) if constant_time_eq(t.trim().as_bytes(), state.admin_token.as_bytes()) => {
+            Ok(next.run(req).await)
+        }
+        Some(_) => Err(err(StatusCode::UNAUTHORIZED, "wrong admin token")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<ApiState>) -> Result<&'static str, ApiError> {
+    if state.node.wal.over_budget() {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "WAL over its disk budget: the lake is not keeping up",
+        ));
+    }
+    Ok("ready\n")
+}
+
+async fn render_metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+fn station_json(node: &Node, id: &str) -> Value {
+    let presence = node.status.station(id);
+    let connected =
+        node.sessions.contains_key(id) || presence.as_ref().is_some_and(|p| p.connected);
+    let connectors: Vec<Value> = node
+        .status
+        .connectors(Some(id))
+        .into_iter()
+        .map(|c| {
+            json!({
+                "evse_id": c.evse_id,
+                "connector_id": c.connector_id,
+                "status": c.status,
+                "error_code": c.error_code,
+                "info": c.info,
+                "event_time": c.event_time,
+            })
+        })
+        .collect();
+    json!({
+        "id": id,
+        "registered": node.stations.get(id).is_some(),
+        "connected": connected,
+        "node": presence.as_ref().and_then(|p| p.node.clone()),
+        "last_seen": presence.as_ref().and_then(|p| p.last_seen),
+        "ocpp_version": presence.as_ref().and_then(|p| p.ocpp_version.clone()),
+        "boot": presence.as_ref().and_then(|p| p.boot.clone()),
+        "connectors": connectors,
+    })
+}
+
+async fn list_stations(State(state): State<ApiState>) -> Json<Value> {
+    let node = &state.node;
+    let mut ids: Vec<String> = node.stations.list().into_iter().map(|s| s.id).collect();
+    ids.extend(node.status.stations().into_iter().map(|p| p.station_id));
+    ids.sort();
+    ids.dedup();
+    Json(Value::Array(
+        ids.iter().map(|id| station_json(node, id)).collect(),
+    ))
+}
+
+async fn get_station(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = &state.node;
+    if node.stations.get(&id).is_none() && node.status.station(&id).is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("no station {id:?}")));
+    }
+    Ok(Json(station_json(node, &id)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewStation {
+    id: String,
+    password: Option<String>,
+}
+
+async fn add_station(
+    State(state): State<ApiState>,
+    body: Result<Json<NewStation>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(s) = body.map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"id\": \"...\", \"password\": \"...\"}}: {e}"),
+        )
+    })?;
+    if let Some(p) = &s.password
+        && !(8..=64).contains(&p.chars().count())
+    {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "password must be 8 to 64 characters (OCPP security profile passwords are 16 to 40 recommended)",
+        ));
+    }
+    let registry = state.node.stations.clone();
+    let (id, password) = (s.id.clone(), s.password.clone());
+    tokio::task::spawn_blocking(move || registry.add(&id, password.as_deref()))
+        .await
+        .map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "registry task failed"))?
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok((StatusCode::CREATED, Json(station_json(&state.node, &s.id))))
+}
+
+async fn remove_station(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let removed = state
+        .node
+        .stations
+        .remove(&id)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    state.node.status.remove_station(&id);
+    if removed {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(err(StatusCode::NOT_FOUND, format!("no station {id:?}")))
+    }
+}
+
+async fn command(
+    State(state): State<ApiState>,
+    Path((id, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let payload: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| err(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")))?
+    };
+    match session::call(&state.node, &id, &action, payload).await {
+        Ok(CallAnswer::Result(p)) => Ok(Json(json!({ "status": "result", "payload": p }))),
+        Ok(CallAnswer::Error {
+            code,
+            description,
+            details,
+        }) => Ok(Json(
+            json!({ "status": "error", "error_code": code, "error_description": description, "error_details": details }),
+        )),
+        Err(e @ CallFailure::NotConnected(_)) => Err(err(StatusCode::CONFLICT, e.to_string())),
+        Err(e @ (CallFailure::UnknownAction { .. } | CallFailure::InvalidPayload { .. })) => {
+            Err(err(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Err(e @ CallFailure::Timeout(_)) => Err(err(StatusCode::GATEWAY_TIMEOUT, e.to_string())),
+        Err(e @ CallFailure::Busy) => Err(err(StatusCode::TOO_MANY_REQUESTS, e.to_string())),
+        Err(e) => Err(err(StatusCode::BAD_GATEWAY, e.to_string())),
+    }
+}
+
+async fn list_tokens(State(state): State<ApiState>) -> Json<Value> {
+    Json(serde_json::to_value(state.node.handlers.tokens.list()).unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    id_token: String,
+    status: Option<IdTokenStatus>,
+    expiry: Option<chrono::DateTime<chrono::Utc>>,
+    group_id: Option<String>,
+}
+
+async fn add_token(
+    State(state): State<ApiState>,
+    body: Result<Json<NewToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(t) = body.map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"id_token\": \"...\", \"status\": \"Accepted\"}}: {e}"),
+        )
+    })?;
+    let rec = IdTokenRecord {
+        id_token: t.id_token,
+        status: t.status.unwrap_or(IdTokenStatus::Accepted),
+        expiry: t.expiry,
+        group_id: t.group_id,
+    };
+    state
+        .node
+        .handlers
+        .tokens
+        .add(rec)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn remove_token(
+    State(state): State<ApiState>,
+    Path(token): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match state.node.handlers.tokens.remove(&token) {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(err(StatusCode::NOT_FOUND, format!("no id token {token:?}"))),
+        Err(e) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}

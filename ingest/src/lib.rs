@@ -1,0 +1,38 @@
+//! The ingest tier: chargers connect here over OCPP-J WebSockets.
+//!
+//! # Layout
+//! - [`bench`]: the WAL benchmark behind `csms bench wal`.
+//! - [`config`]: the one configuration struct (defaults, TOML, environment).
+//! - [`server`]: TCP/TLS accept loop and the WebSocket upgrade (subprotocol,
+//!   station id, Basic auth, mTLS, abuse limits).
+//! - [`session`]: one task per connection: read frame → validate → WAL →
+//!   answer; CSMS-initiated CALLs with timeouts; ping/pong liveness.
+//! - [`handlers`]: the CSMS's answer to every charger-initiated action.
+//! - [`registry`]: stations (argon2id password hashes) and id tokens.
+//! - [`tls`]: rustls server configuration and station identity from client
+//!   certificates (security profile 3).
+//! - [`limits`]: per-address and per-station rate limits and auth slow-down.
+//! - [`wal`]: the node's group-committed write-ahead log of every frame.
+//! - [`lake`]: moves WAL segments into `bronze.ocpp_messages` (Delta), exactly
+//!   once; optimize, vacuum and retention.
+//! - [`status`]: the live status store (embedded; Redis when configured).
+//! - [`txid`]: unique OCPP 1.6 transaction ids (Redis, or a block-reserving file).
+//! - [`metrics`]: Prometheus metric names and the recorder.
+//! - [`http`]: the back-office HTTP API.
+//! - [`runtime`]: starting a node: WAL, lake writer, registries, listeners.
+
+pub mod bench;
+pub mod config;
+pub mod handlers;
+pub mod http;
+pub mod lake;
+pub mod limits;
+pub mod metrics;
+pub mod registry;
+pub mod runtime;
+pub mod server;
+pub mod session;
+pub mod status;
+pub mod tls;
+pub mod txid;
+pub mod wal;

@@ -1,0 +1,262 @@
+//! Starting a node: open the WAL and the lake writer, the registries, bind the
+//! listeners, and run until asked to stop. `csms serve` and `csms ingest`
+//! are thin wrappers around [`start`].
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize},
+    },
+};
+
+use schemas::Catalog;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, ConfigError},
+    handlers::Handlers,
+    http::{self, ApiState},
+    lake::LakeWriter,
+    limits::AddressLimiter,
+    registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
+    server::{self, Node},
+    status::EmbeddedStore,
+    txid::{FileAllocator, TxIdAllocator},
+    wal::Wal,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Component(String),
+}
+
+fn component(what: &str) -> impl Fn(&dyn std::fmt::Display) -> StartError + '_ {
+    move |e| StartError::Component(format!("{what}: {e}"))
+}
+
+/// A started node: its bound addresses and the tasks to wait on.
+pub struct Running {
+    pub node: Arc<Node>,
+    pub ocpp_addr: SocketAddr,
+    pub ocpp_tls_addr: Option<SocketAddr>,
+    pub http_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    lake_task: JoinHandle<()>,
+    _wal: Wal,
+}
+
+impl Running {
+    /// Waits until shutdown is requested and the lake writer has flushed.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = self.lake_task.await;
+    }
+}
+
+/// Opens everything and starts serving. Nothing is accepted until the WAL and
+/// the lake position are known, so no answer can precede durability.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ConfigError::Io {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let node_id = config.node_id()?;
+    let lake_url = config.lake_url()?;
+    let metrics = crate::metrics::install();
+    let catalog = Catalog::global();
+
+    let (wal, wal_handle) = Wal::open(&config.wal_dir(), config.wal.clone())
+        .map_err(|e| component("write-ahead log")(&e))?;
+    let (lake_writer, committed) = LakeWriter::open(
+        &lake_url,
+        &node_id,
+        &config.wal_dir(),
+        wal_handle.clone(),
+        config.lake.clone(),
+    )
+    .await
+    .map_err(|e| component("lake")(&e))?;
+    info!(node = %node_id, lake = %lake_url, committed_seq = committed, "lake writer ready");
+
+    let stations =
+        StationRegistry::open(&config.data_dir).map_err(|e| component("station registry")(&e))?;
+    let policy = if config.ocpp.default_token_policy == "reject" {
+        DefaultPolicy::RejectUnknown
+    } else {
+        DefaultPolicy::AcceptAll
+    };
+    let tokens = IdTokenRegistry::open(&config.data_dir, policy)
+        .map_err(|e| component("id token registry")(&e))?;
+    let txids = match &config.redis_url {
+        Some(url) => {
+            let client =
+                redis::Client::open(url.as_str()).map_err(|e| component("REDIS_URL")(&e))?;
+            let conn = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(|e| component("redis")(&e))?;
+            TxIdAllocator::Redis(conn)
+        }
+        None => TxIdAllocator::File(Arc::new(
+            FileAllocator::open(&config.data_dir).map_err(|e| component("transaction ids")(&e))?,
+        )),
+    };
+    let overload_wal = wal_handle.clone();
+    let handlers = Handlers {
+        ocpp: Arc::new(config.ocpp.clone()),
+        tokens,
+        txids,
+        overloaded: Arc::new(move || overload_wal.over_budget()),
+    };
+    let node = Arc::new(Node {
+        versions: config.versions(),
+        limiter: AddressLimiter::new(&config.limits),
+        config: config.clone(),
+        node_id: node_id.clone(),
+        catalog,
+        stations,
+        handlers,
+        wal: wal_handle,
+        status: EmbeddedStore::new(),
+        sessions: Default::default(),
+        connections: AtomicUsize::new(0),
+        next_conn_id: AtomicU64::new(1),
+    });
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+
+    let ocpp = bind("OCPP", config.ocpp_addr).await?;
+    let ocpp_addr = ocpp.local_addr().map_err(|source| StartError::Bind {
+        what: "OCPP",
+        addr: config.ocpp_addr,
+        source,
+    })?;
+    tasks.push(tokio::spawn(server::serve(
+        node.clone(),
+        ocpp,
+        None,
+        shutdown.clone(),
+    )));
+
+    let tls = crate::tls::server_config(&config.tls).map_err(|e| component("TLS")(&e))?;
+    let ocpp_tls_addr = match tls {
+        Some(tls) => {
+            let l = bind("OCPP TLS", config.ocpp_tls_addr).await?;
+            let addr = l.local_addr().map_err(|source| StartError::Bind {
+                what: "OCPP TLS",
+                addr: config.ocpp_tls_addr,
+                source,
+            })?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            tasks.push(tokio::spawn(server::serve(
+                node.clone(),
+                l,
+                Some(acceptor),
+                shutdown.clone(),
+            )));
+            Some(addr)
+        }
+        None => None,
+    };
+
+    let admin_token = admin_token(&config)?;
+    let http_listener = bind("HTTP", config.http_addr).await?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "HTTP",
+            addr: config.http_addr,
+            source,
+        })?;
+    let app = http::router(ApiState {
+        node: node.clone(),
+        admin_token: admin_token.into(),
+        metrics,
+    });
+    let http_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_shutdown.cancelled_owned())
+            .await
+        {
+            warn!(error = %e, "HTTP server stopped");
+        }
+    }));
+
+    // Forget idle per-address limiter entries now and then.
+    let prune_node = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            prune_node.limiter.prune(std::time::Instant::now());
+        }
+    }));
+
+    let lake_task = tokio::spawn(lake_writer.run(shutdown.clone()));
+    info!(%ocpp_addr, ?ocpp_tls_addr, %http_addr, node = %node_id, "csms node listening");
+    Ok(Running {
+        node,
+        ocpp_addr,
+        ocpp_tls_addr,
+        http_addr,
+        shutdown,
+        tasks,
+        lake_task,
+        _wal: wal,
+    })
+}
+
+/// The admin token: configured, or generated once into `$data_dir/admin_token`
+/// (readable by the owner only) so the API works out of the box.
+fn admin_token(config: &Config) -> Result<String, StartError> {
+    if let Some(t) = &config.admin_token {
+        return Ok(t.clone());
+    }
+    let path = config.data_dir.join("admin_token");
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_string());
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    write_private(&path, &token).map_err(|source| ConfigError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    info!(path = %path.display(), "generated an admin token (set CSMS_ADMIN_TOKEN to choose one)");
+    Ok(token)
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}

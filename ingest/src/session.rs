@@ -1,0 +1,696 @@
+//! One task per connected station: read a frame, validate it, make it and
+//! its answer durable in the WAL, then answer. The same task sends
+//! CSMS-initiated CALLs (one outstanding at a time, as OCPP-J requires),
+//! matches their answers by message id, and pings the socket so that dead
+//! connections are noticed.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use dashmap::DashMap;
+use futures_util::{SinkExt, StreamExt};
+use schemas::{ErrorKind, Frame, MessageType, OcppVersion, adapter, events::CoreEvent};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, oneshot},
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Error as WsError, Message,
+        error::CapacityError,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    limits::{BadFrameCounter, TokenBucket, record_limit},
+    server::Node,
+    status::ConnectorStatus,
+    wal::{Direction, WalRecord},
+};
+
+/// The live sessions of this node, by station id.
+pub type Sessions = Arc<DashMap<String, SessionHandle>>;
+
+/// How other tasks reach a session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub conn_id: u64,
+    pub version: OcppVersion,
+    tx: mpsc::Sender<SessionCmd>,
+}
+
+enum SessionCmd {
+    Call {
+        action: String,
+        payload: Value,
+        reply: oneshot::Sender<Result<CallAnswer, CallFailure>>,
+    },
+    /// A newer connection of the same station took over.
+    Replaced,
+}
+
+/// The station's answer to a CSMS-initiated CALL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallAnswer {
+    Result(Value),
+    Error {
+        code: String,
+        description: String,
+        details: Value,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallFailure {
+    #[error("station {0} is not connected to this node")]
+    NotConnected(String),
+    #[error("{action} is not a CSMS-initiated action of OCPP {version}")]
+    UnknownAction {
+        action: String,
+        version: OcppVersion,
+    },
+    #[error("invalid {action} payload: {reason}")]
+    InvalidPayload { action: String, reason: String },
+    #[error("the station did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the station disconnected before answering")]
+    Disconnected,
+    #[error("too many commands queued for this station")]
+    Busy,
+    #[error("could not record the command durably: {0}")]
+    Wal(String),
+}
+
+/// Sends a CSMS-initiated CALL to a station connected to this node and waits
+/// for its answer (or the configured timeout).
+pub async fn call(
+    node: &Node,
+    station: &str,
+    action: &str,
+    payload: Value,
+) -> Result<CallAnswer, CallFailure> {
+    let handle = node
+        .sessions
+        .get(station)
+        .map(|h| h.clone())
+        .ok_or_else(|| CallFailure::NotConnected(station.to_string()))?;
+    let version = handle.version;
+    match node.catalog.get(version, action) {
+        Some(spec) if spec.csms_may_send() => {}
+        _ => {
+            return Err(CallFailure::UnknownAction {
+                action: action.to_string(),
+                version,
+            });
+        }
+    }
+    node.catalog
+        .validate_request(version, action, &payload)
+        .map_err(|v| CallFailure::InvalidPayload {
+            action: action.to_string(),
+            reason: v.description,
+        })?;
+    let (reply, answer) = oneshot::channel();
+    handle
+        .tx
+        .try_send(SessionCmd::Call {
+            action: action.to_string(),
+            payload,
+            reply,
+        })
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CallFailure::Busy,
+            mpsc::error::TrySendError::Closed(_) => CallFailure::Disconnected,
+        })?;
+    answer.await.unwrap_or(Err(CallFailure::Disconnected))
+}
+
+struct Pending {
+    message_id: String,
+    action: String,
+    deadline: tokio::time::Instant,
+    reply: oneshot::Sender<Result<CallAnswer, CallFailure>>,
+}
+
+type Queued = (
+    String,
+    Value,
+    oneshot::Sender<Result<CallAnswer, CallFailure>>,
+);
+
+enum Flow {
+    Continue,
+    Close(CloseCode, &'static str),
+}
+
+struct Session<S> {
+    node: Arc<Node>,
+    ws: WebSocketStream<S>,
+    station: String,
+    version: OcppVersion,
+    pending: Option<Pending>,
+    queue: VecDeque<Queued>,
+    bucket: TokenBucket,
+    bad_frames: BadFrameCounter,
+    last_rx: Instant,
+}
+
+/// Runs a station's session until the socket closes, goes silent, or a newer
+/// connection of the same station replaces it.
+pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, station: String, version: OcppVersion)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_id = node.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel(16);
+    if let Some(old) = node.sessions.insert(
+        station.clone(),
+        SessionHandle {
+            conn_id,
+            version,
+            tx,
+        },
+    ) {
+        metrics::counter!("csms_sessions_replaced_total").increment(1);
+        let _ = old.tx.try_send(SessionCmd::Replaced);
+    }
+    node.status
+        .connected(&station, &node.node_id, version.as_str(), Utc::now());
+    metrics::gauge!("csms_sessions").increment(1.0);
+
+    let limits = &node.config.limits;
+    let mut s = Session {
+        bucket: TokenBucket::new(
+            limits.messages_per_station_per_sec,
+            limits.message_burst_per_station,
+        ),
+        bad_frames: BadFrameCounter::new(limits),
+        node: node.clone(),
+        ws,
+        station: station.clone(),
+        version,
+        pending: None,
+        queue: VecDeque::new(),
+        last_rx: Instant::now(),
+    };
+    let ping_every = Duration::from_secs(node.config.ocpp.ping_interval_secs);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let reason = loop {
+        let deadline = s.pending.as_ref().map(|p| p.deadline);
+        let flow = tokio::select! {
+            msg = s.ws.next() => match msg {
+                None => break "closed by station",
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                    record_limit("frame_size");
+                    warn!(station = %s.station, size, max_size, "frame over the size limit: closing");
+                    Flow::Close(CloseCode::Size, "frame too large")
+                }
+                Some(Err(e)) => {
+                    debug!(station = %s.station, error = %e, "socket error");
+                    break "socket error";
+                }
+                Some(Ok(m)) => {
+                    s.last_rx = Instant::now();
+                    match m {
+                        Message::Text(t) => s.on_text(t.as_str()).await,
+                        Message::Binary(_) => s.on_unparseable("binary frames are not OCPP-J").await,
+                        Message::Close(_) => break "closed by station",
+                        _ => Flow::Continue,
+                    }
+                }
+            },
+            cmd = rx.recv() => match cmd {
+                Some(SessionCmd::Call { action, payload, reply }) => {
+                    if s.queue.len() >= 64 {
+                        let _ = reply.send(Err(CallFailure::Busy));
+                    } else {
+                        s.queue.push_back((action, payload, reply));
+                    }
+                    s.start_next_call().await;
+                    Flow::Continue
+                }
+                Some(SessionCmd::Replaced) | None => Flow::Close(CloseCode::Policy, "replaced by a newer connection"),
+            },
+            _ = ping.tick() => {
+                if s.last_rx.elapsed() > ping_every * 2 {
+                    metrics::counter!("csms_dead_connections_total").increment(1);
+                    break "no pong: connection dead";
+                }
+                if s.ws.send(Message::Ping(Default::default())).await.is_err() {
+                    break "socket error";
+                }
+                Flow::Continue
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                if let Some(p) = s.pending.take() {
+                    let timeout = Duration::from_secs(s.node.config.ocpp.call_timeout_secs);
+                    let _ = p.reply.send(Err(CallFailure::Timeout(timeout)));
+                    metrics::counter!("csms_call_timeouts_total").increment(1);
+                }
+                s.start_next_call().await;
+                Flow::Continue
+            }
+        };
+        if let Flow::Close(code, why) = flow {
+            let _ =
+                s.ws.close(Some(CloseFrame {
+                    code,
+                    reason: why.into(),
+                }))
+                .await;
+            break why;
+        }
+    };
+
+    if let Some(p) = s.pending.take() {
+        let _ = p.reply.send(Err(CallFailure::Disconnected));
+    }
+    for (_, _, reply) in s.queue.drain(..) {
+        let _ = reply.send(Err(CallFailure::Disconnected));
+    }
+    let replaced = node
+        .sessions
+        .remove_if(&station, |_, h| h.conn_id == conn_id)
+        .is_none();
+    if !replaced {
+        node.status
+            .disconnected(&station, &node.node_id, Utc::now());
+    }
+    metrics::gauge!("csms_sessions").decrement(1.0);
+    info!(station = %station, reason, "station disconnected");
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn record(
+        &self,
+        direction: Direction,
+        message_type: u8,
+        message_id: &str,
+        action: Option<&str>,
+        raw: String,
+    ) -> WalRecord {
+        WalRecord {
+            received_at_us: now_us(),
+            station_id: self.station.clone(),
+            version: self.version,
+            direction,
+            message_type,
+            message_id: message_id.to_string(),
+            action: action.map(str::to_string),
+            error_code: None,
+            error_description: None,
+            raw,
+        }
+    }
+
+    /// Per-station message rate: a station over its rate is slowed down, not
+    /// answered with errors, so nothing it sends is lost.
+    async fn throttle(&mut self) {
+        let mut waited = false;
+        while !self.bucket.try_take(Instant::now()) {
+            if !waited {
+                record_limit("message_rate");
+                waited = true;
+            }
+            let rate = self
+                .node
+                .config
+                .limits
+                .messages_per_station_per_sec
+                .max(0.001);
+            tokio::time::sleep(Duration::from_secs_f64((1.0 / rate).min(1.0))).await;
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        self.throttle().await;
+        metrics::counter!("csms_frames_received_total", "version" => self.version.as_str())
+            .increment(1);
+        match schemas::frame::decode(text, self.version) {
+            Ok(Frame::Call {
+                message_id,
+                action,
+                payload,
+            }) => self.on_call(text, message_id, action, payload).await,
+            Ok(Frame::Send {
+                message_id,
+                action,
+                payload,
+            }) => {
+                let mut rec = self.record(
+                    Direction::CsToCsms,
+                    MessageType::Send as u8,
+                    &message_id,
+                    Some(&action),
+                    text.to_string(),
+                );
+                if let Err(v) = self
+                    .node
+                    .catalog
+                    .validate_request(self.version, &action, &payload)
+                {
+                    rec.error_code = Some(v.kind.code(self.version).to_string());
+                    rec.error_description = Some(v.description);
+                }
+                self.wal_durable(vec![rec]).await;
+                Flow::Continue
+            }
+            Ok(Frame::CallResult {
+                message_id,
+                payload,
+            }) => {
+                self.on_answer(
+                    text,
+                    &message_id,
+                    MessageType::CallResult,
+                    CallAnswer::Result(payload),
+                )
+                .await
+            }
+            Ok(Frame::CallError {
+                message_id,
+                error_code,
+                error_description,
+                error_details,
+            })
+            | Ok(Frame::CallResultError {
+                message_id,
+                error_code,
+                error_description,
+                error_details,
+            }) => {
+                let answer = CallAnswer::Error {
+                    code: error_code,
+                    description: error_description,
+                    details: error_details,
+                };
+                self.on_answer(text, &message_id, MessageType::CallError, answer)
+                    .await
+            }
+            Err(fe) => {
+                let mut rec = self.record(
+                    Direction::CsToCsms,
+                    fe.message_type.unwrap_or(0),
+                    &fe.message_id,
+                    fe.action.as_deref(),
+                    text.to_string(),
+                );
+                rec.error_code = Some(fe.kind.code(self.version).to_string());
+                rec.error_description = Some(fe.description.clone());
+                if fe.answerable {
+                    let out = fe.to_call_error(self.version);
+                    self.answer(rec, out, fe.action.as_deref()).await;
+                } else {
+                    self.wal_durable(vec![rec]).await;
+                }
+                self.bad_frame()
+            }
+        }
+    }
+
+    async fn on_unparseable(&mut self, why: &str) -> Flow {
+        let mut rec = self.record(Direction::CsToCsms, 0, "-1", None, String::new());
+        let kind = ErrorKind::RpcFrameworkError;
+        rec.error_code = Some(kind.code(self.version).to_string());
+        rec.error_description = Some(why.to_string());
+        let out = Frame::call_error(self.version, "-1", kind, why);
+        self.answer(rec, out, None).await;
+        self.bad_frame()
+    }
+
+    fn bad_frame(&mut self) -> Flow {
+        metrics::counter!("csms_bad_frames_total").increment(1);
+        if self.bad_frames.record(Instant::now()) {
+            record_limit("bad_frames");
+            warn!(station = %self.station, "too many malformed frames: closing");
+            Flow::Close(CloseCode::Policy, "too many malformed frames")
+        } else {
+            Flow::Continue
+        }
+    }
+
+    async fn on_call(
+        &mut self,
+        text: &str,
+        message_id: String,
+        action: String,
+        payload: Value,
+    ) -> Flow {
+        let started = Instant::now();
+        let rec = self.record(
+            Direction::CsToCsms,
+            MessageType::Call as u8,
+            &message_id,
+            Some(&action),
+            text.to_string(),
+        );
+        let refusal = match self.node.catalog.get(self.version, &action) {
+            None => Some((
+                ErrorKind::NotImplemented,
+                format!("{action} is not an OCPP {} action", self.version),
+            )),
+            Some(spec) if !spec.cs_may_send() => Some((
+                ErrorKind::NotSupported,
+                format!("{action} is sent by the CSMS, not by a charging station"),
+            )),
+            Some(_) => self
+                .node
+                .catalog
+                .validate_request(self.version, &action, &payload)
+                .err()
+                .map(|v| (v.kind, v.description)),
+        };
+        if let Some((kind, why)) = refusal {
+            let mut rec = rec;
+            rec.error_code = Some(kind.code(self.version).to_string());
+            rec.error_description = Some(why.clone());
+            self.answer(
+                rec,
+                Frame::call_error(self.version, message_id, kind, why),
+                Some(&action),
+            )
+            .await;
+            return self.bad_frame();
+        }
+        let (out, result) = match self
+            .node
+            .handlers
+            .answer(self.version, &action, &payload)
+            .await
+        {
+            Ok(resp) => (
+                Frame::CallResult {
+                    message_id,
+                    payload: resp.clone(),
+                },
+                Some(resp),
+            ),
+            Err(r) => (
+                Frame::call_error(self.version, message_id, r.kind, r.description),
+                None,
+            ),
+        };
+        let answered = self.answer(rec, out, Some(&action)).await;
+        metrics::histogram!("csms_call_seconds", "action" => action.clone())
+            .record(started.elapsed().as_secs_f64());
+        if answered && let Some(resp) = result {
+            self.apply_events(&action, &payload, &resp);
+        }
+        Flow::Continue
+    }
+
+    /// Makes the incoming frame and its answer durable, then sends the answer.
+    /// Returns whether the answer went out.
+    async fn answer(&mut self, incoming: WalRecord, out: Frame, action: Option<&str>) -> bool {
+        let out_text = out.to_text();
+        let mut out_rec = self.record(
+            Direction::CsmsToCs,
+            out.message_type() as u8,
+            out.message_id(),
+            action,
+            out_text.clone(),
+        );
+        if let Frame::CallError {
+            error_code,
+            error_description,
+            ..
+        } = &out
+        {
+            out_rec.error_code = Some(error_code.clone());
+            out_rec.error_description = Some(error_description.clone());
+        }
+        if let Err(e) = self.node.wal.append(vec![incoming, out_rec]).await {
+            // Not durable, so not acknowledged: the station retries.
+            warn!(station = %self.station, error = %e, "WAL append failed; answering InternalError");
+            metrics::counter!("csms_wal_append_failures_total").increment(1);
+            let err = Frame::call_error(
+                self.version,
+                out.message_id(),
+                ErrorKind::InternalError,
+                "the CSMS could not store the message; retry later",
+            );
+            let _ = self.ws.send(Message::text(err.to_text())).await;
+            return false;
+        }
+        self.ws.send(Message::text(out_text)).await.is_ok()
+    }
+
+    /// Records frames that get no answer (SEND, stray results). Awaited like
+    /// the others so that a full queue slows the station instead of dropping
+    /// the frame.
+    async fn wal_durable(&self, records: Vec<WalRecord>) {
+        if let Err(e) = self.node.wal.append(records).await {
+            warn!(station = %self.station, error = %e, "WAL append failed");
+            metrics::counter!("csms_wal_append_failures_total").increment(1);
+        }
+    }
+
+    /// The station's answer to our CALL.
+    async fn on_answer(
+        &mut self,
+        text: &str,
+        message_id: &str,
+        mtype: MessageType,
+        answer: CallAnswer,
+    ) -> Flow {
+        let matches = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.message_id == message_id);
+        let action = if matches {
+            self.pending.as_ref().map(|p| p.action.clone())
+        } else {
+            None
+        };
+        let mut rec = self.record(
+            Direction::CsToCsms,
+            mtype as u8,
+            message_id,
+            action.as_deref(),
+            text.to_string(),
+        );
+        if let CallAnswer::Error {
+            code, description, ..
+        } = &answer
+        {
+            rec.error_code = Some(code.clone());
+            rec.error_description = Some(description.clone());
+        }
+        if !matches {
+            debug!(station = %self.station, message_id, "answer to no outstanding call");
+            self.wal_durable(vec![rec]).await;
+            return Flow::Continue;
+        }
+        let pending = self.pending.take().expect("matched above");
+        if let CallAnswer::Result(payload) = &answer
+            && let Err(v) =
+                self.node
+                    .catalog
+                    .validate_response(self.version, &pending.action, payload)
+        {
+            warn!(station = %self.station, action = %pending.action, error = %v, "station answered with an invalid payload");
+            rec.error_code = Some(v.kind.code(self.version).to_string());
+            rec.error_description = Some(v.description);
+        }
+        let result = match self.node.wal.append(vec![rec]).await {
+            Ok(_) => Ok(answer),
+            Err(e) => Err(CallFailure::Wal(e.to_string())),
+        };
+        let _ = pending.reply.send(result);
+        self.start_next_call().await;
+        Flow::Continue
+    }
+
+    /// Sends the next queued CSMS-initiated CALL if none is outstanding.
+    async fn start_next_call(&mut self) {
+        while self.pending.is_none() {
+            let Some((action, payload, reply)) = self.queue.pop_front() else {
+                return;
+            };
+            if reply.is_closed() {
+                continue;
+            }
+            let message_id = uuid::Uuid::new_v4().to_string();
+            let frame = Frame::Call {
+                message_id: message_id.clone(),
+                action: action.clone(),
+                payload,
+            };
+            let text = frame.to_text();
+            let rec = self.record(
+                Direction::CsmsToCs,
+                MessageType::Call as u8,
+                &message_id,
+                Some(&action),
+                text.clone(),
+            );
+            if let Err(e) = self.node.wal.append(vec![rec]).await {
+                let _ = reply.send(Err(CallFailure::Wal(e.to_string())));
+                continue;
+            }
+            if self.ws.send(Message::text(text)).await.is_err() {
+                let _ = reply.send(Err(CallFailure::Disconnected));
+                return;
+            }
+            let timeout = Duration::from_secs(self.node.config.ocpp.call_timeout_secs);
+            self.pending = Some(Pending {
+                message_id,
+                action,
+                deadline: tokio::time::Instant::now() + timeout,
+                reply,
+            });
+        }
+    }
+
+    /// Live status from the version-neutral events of an answered CALL.
+    fn apply_events(&self, action: &str, request: &Value, response: &Value) {
+        let status = &self.node.status;
+        let now = Utc::now();
+        status.seen(&self.station, now);
+        for event in adapter::events_from_call(self.version, action, request, Some(response)) {
+            match event {
+                CoreEvent::StatusChanged(c) => {
+                    status.put_connector(ConnectorStatus {
+                        station_id: self.station.clone(),
+                        evse_id: c.evse_id.unwrap_or(0),
+                        connector_id: c.connector_id,
+                        status: c.status,
+                        error_code: c.error_code,
+                        info: c.info,
+                        event_time: c.event_time.unwrap_or(now),
+                        updated_at: now,
+                    });
+                }
+                CoreEvent::Boot(b) => status.boot(
+                    &self.station,
+                    serde_json::to_value(b).unwrap_or(Value::Null),
+                ),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests of the OCPP ingest tier: each test starts its own real
+//! `csms serve` (see `tests::TestServer`) and talks to it over sockets, with
+//! the raw client or the Python `ocpp` charge points.
+//!
+//! One test binary, so the heavy dependency graph links once.
+
+mod bronze;
+mod callerror;
+mod limits;
+mod policies;
+mod python_clients;
+mod upgrade;

@@ -1,0 +1,104 @@
+//! Boot and token policies set by configuration.
+
+use anyhow::{Result, ensure};
+use serde_json::json;
+use tests::TestServer;
+
+async fn boot_status(policy: &str) -> Result<String> {
+    let server = TestServer::builder()
+        .station("POL1", Some("pw"))
+        .env("CSMS_OCPP__BOOT_POLICY", policy)
+        .env("CSMS_OCPP__HEARTBEAT_INTERVAL_SECS", "123")
+        .start()
+        .await;
+    let mut client = server
+        .connect("POL1", "ocpp2.0.1", Some(("POL1", "pw")))
+        .await?;
+    let answer = client
+        .call(
+            "boot-1",
+            "BootNotification",
+            json!({"reason": "PowerUp", "chargingStation": {"model": "M", "vendorName": "V"}}),
+        )
+        .await?;
+    ensure!(
+        answer[0] == 3 && answer[1] == "boot-1",
+        "boot answered {answer:?}"
+    );
+    let interval = answer[2]["interval"].as_i64().unwrap_or(0);
+    ensure!(interval > 0, "interval must be positive: {answer:?}");
+    if policy == "accept" {
+        ensure!(
+            interval == 123,
+            "heartbeat interval setting not applied: {answer:?}"
+        );
+    }
+    Ok(answer[2]["status"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test]
+async fn boot_policy_accept() -> Result<()> {
+    assert_eq!(boot_status("accept").await?, "Accepted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn boot_policy_pending() -> Result<()> {
+    assert_eq!(boot_status("pending").await?, "Pending");
+    Ok(())
+}
+
+#[tokio::test]
+async fn boot_policy_reject() -> Result<()> {
+    assert_eq!(boot_status("reject").await?, "Rejected");
+    Ok(())
+}
+
+/// Registered tokens get their status; unknown ones follow the default policy.
+async fn authorize_statuses(default_policy: &str) -> Result<Vec<(String, String)>> {
+    let server = TestServer::builder()
+        .station("TOK1", Some("pw"))
+        .token("TAG-OK", "Accepted")
+        .token("TAG-BLOCKED", "Blocked")
+        .env("CSMS_OCPP__DEFAULT_TOKEN_POLICY", default_policy)
+        .start()
+        .await;
+    let mut client = server
+        .connect("TOK1", "ocpp1.6", Some(("TOK1", "pw")))
+        .await?;
+    let mut out = Vec::new();
+    for (i, tag) in ["TAG-OK", "TAG-BLOCKED", "TAG-UNKNOWN"].iter().enumerate() {
+        let id = format!("auth-{i}");
+        let answer = client.call(&id, "Authorize", json!({"idTag": tag})).await?;
+        ensure!(
+            answer[0] == 3 && answer[1] == id.as_str(),
+            "Authorize {tag}: {answer:?}"
+        );
+        let status = answer[2]["idTagInfo"]["status"]
+            .as_str()
+            .unwrap_or_default();
+        out.push((tag.to_string(), status.to_string()));
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn token_policy_accept_unknown() -> Result<()> {
+    let statuses = authorize_statuses("accept").await?;
+    assert_eq!(statuses[0].1, "Accepted", "{statuses:?}");
+    assert_eq!(statuses[1].1, "Blocked", "{statuses:?}");
+    assert_eq!(statuses[2].1, "Accepted", "{statuses:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_policy_reject_unknown() -> Result<()> {
+    let statuses = authorize_statuses("reject").await?;
+    assert_eq!(statuses[0].1, "Accepted", "{statuses:?}");
+    assert_eq!(statuses[1].1, "Blocked", "{statuses:?}");
+    assert!(
+        statuses[2].1 == "Invalid" || statuses[2].1 == "Blocked",
+        "unknown token with reject policy: {statuses:?}"
+    );
+    Ok(())
+}
