@@ -50,6 +50,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/stations/{id}/commands/{action}", post(command))
         .route("/id-tokens", get(list_tokens).post(add_token))
         .route("/id-tokens/{token}", axum::routing::delete(remove_token))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -282,5 +286,205 @@ async fn remove_token(
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(err(StatusCode::NOT_FOUND, format!("no id token {token:?}"))),
         Err(e) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Config,
+        limits::AddressLimiter,
+        registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
+        status::EmbeddedStore,
+        txid::{FileAllocator, TxIdAllocator},
+        wal::Wal,
+    };
+    use axum::body::Body;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+    use tower::ServiceExt;
+
+    fn app(dir: &std::path::Path) -> (Router, Wal) {
+        let config = Arc::new(Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        });
+        let (wal, wal_handle) = Wal::open(&dir.join("wal"), config.wal.clone()).unwrap();
+        let node = Arc::new(Node {
+            versions: config.versions(),
+            limiter: AddressLimiter::new(&config.limits),
+            node_id: "n1".into(),
+            catalog: schemas::Catalog::global(),
+            stations: StationRegistry::open(dir).unwrap(),
+            handlers: crate::handlers::Handlers {
+                ocpp: Arc::new(config.ocpp.clone()),
+                tokens: IdTokenRegistry::open(dir, DefaultPolicy::AcceptAll).unwrap(),
+                txids: TxIdAllocator::File(Arc::new(FileAllocator::open(dir).unwrap())),
+                overloaded: Arc::new(|| false),
+            },
+            wal: wal_handle,
+            status: EmbeddedStore::new(),
+            sessions: Default::default(),
+            connections: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            config,
+        });
+        let state = ApiState {
+            node,
+            admin_token: "secret".into(),
+            metrics: crate::metrics::install(),
+        };
+        (router(state), wal)
+    }
+
+    async fn send(
+        app: &Router,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn api_needs_the_admin_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, _wal) = app(dir.path());
+        let (s, body) = send(&app, "GET", "/api/stations", None, "").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(body["error"].as_str().unwrap().contains("Bearer"));
+        assert_eq!(
+            send(&app, "GET", "/api/stations", Some("nope"), "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            send(&app, "GET", "/api/openapi.json", None, "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            send(&app, "GET", "/api/stations", Some("secret"), "")
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            send(&app, "GET", "/healthz", None, "").await.0,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn validation_errors_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, _wal) = app(dir.path());
+        let (s, b) = send(
+            &app,
+            "POST",
+            "/api/stations",
+            Some("secret"),
+            "{\"name\": 1}",
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(b["error"].as_str().unwrap().contains("\"id\""), "{b}");
+        let (s, b) = send(
+            &app,
+            "POST",
+            "/api/stations",
+            Some("secret"),
+            "{\"id\": \"bad id\", \"password\": \"long-enough-pw\"}",
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+        let (s, b) = send(
+            &app,
+            "POST",
+            "/api/stations",
+            Some("secret"),
+            "{\"id\": \"CP1\", \"password\": \"long-enough-pw\"}",
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        assert_eq!(b["id"], "CP1");
+        assert_eq!(b["connected"], false);
+        let (s, b) = send(
+            &app,
+            "POST",
+            "/api/stations/CP1/commands/Reset",
+            Some("secret"),
+            "{\"type\": \"Hard\"}",
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{b}");
+        let (s, _) = send(
+            &app,
+            "POST",
+            "/api/stations/CP1/commands/Reset",
+            Some("secret"),
+            "not json",
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            send(&app, "GET", "/api/stations/NOPE", Some("secret"), "")
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    /// The document lists exactly the routes the router serves.
+    #[tokio::test]
+    async fn openapi_matches_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, _wal) = app(dir.path());
+        let (s, doc) = send(&app, "GET", "/api/openapi.json", Some("secret"), "").await;
+        assert_eq!(s, StatusCode::OK);
+        let paths = doc["paths"].as_object().unwrap();
+        for (method, path, _) in crate::openapi::ROUTES {
+            assert!(
+                paths[*path].get(*method).is_some(),
+                "{method} {path} missing from the document"
+            );
+            let concrete = path
+                .replace("{id}", "CP1")
+                .replace("{action}", "Reset")
+                .replace("{token}", "T1");
+            let (s, _) = send(
+                &app,
+                &method.to_uppercase(),
+                &concrete,
+                Some("secret"),
+                "{}",
+            )
+            .await;
+            assert!(
+                s != StatusCode::NOT_FOUND || path.contains('{'),
+                "{method} {path}: {s}"
+            );
+            assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        }
+        let listed: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(listed, crate::openapi::ROUTES.len());
     }
 }

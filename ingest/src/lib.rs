@@ -19,6 +19,7 @@
 //! - [`txid`]: unique OCPP 1.6 transaction ids (Redis, or a block-reserving file).
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`http`]: the back-office HTTP API.
+//! - [`openapi`]: the OpenAPI document of the HTTP API.
 //! - [`runtime`]: starting a node: WAL, lake writer, registries, listeners.
 
 pub mod bench;
@@ -28,6 +29,7 @@ pub mod http;
 pub mod lake;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod registry;
 pub mod runtime;
 pub mod server;

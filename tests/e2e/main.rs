@@ -9,4 +9,5 @@ mod callerror;
 mod limits;
 mod policies;
 mod python_clients;
+mod tls;
 mod upgrade;
