@@ -6,6 +6,8 @@
 
 mod bronze;
 mod callerror;
+mod commands;
+mod durability;
 mod limits;
 mod policies;
 mod python_clients;

@@ -310,6 +310,7 @@ async fn open_or_create_bronze(
 
 /// Moves WAL segments into bronze.
 pub struct LakeWriter {
+    lake_url: String,
     table: DeltaTable,
     location: String,
     node_id: String,
@@ -340,6 +341,7 @@ impl LakeWriter {
         )
         .await?;
         let mut writer = LakeWriter {
+            lake_url: lake_url.to_string(),
             table,
             location,
             node_id: node_id.to_string(),
@@ -396,10 +398,23 @@ impl LakeWriter {
         let tick = interval.min(Duration::from_secs(1));
         let mut next_flush = Instant::now() + interval;
         let mut backoff = Duration::from_secs(1);
+        // Retention runs a minute after start, then daily.
+        let mut next_retention = Instant::now() + Duration::from_secs(60);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(tick) => {}
+            }
+            if let Some(days) = self.config.retention_days
+                && Instant::now() >= next_retention
+            {
+                next_retention = Instant::now() + Duration::from_secs(24 * 3600);
+                match apply_retention(&self.lake_url, days, &self.config.storage_options).await {
+                    Ok(files) => tracing::info!(days, files, "bronze retention applied"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, days, "bronze retention failed; retrying tomorrow")
+                    }
+                }
             }
             let stats = self.wal.stats();
             let age = stats

@@ -1,47 +1,31 @@
-//! The live status store: the latest status per (station, evse, connector) and
-//! each station's presence (connected, node, last seen, boot info).
-//!
-//! Writes follow one rule: a connector status is replaced only by an event
-//! with a newer timestamp, so replays and out-of-order delivery are harmless.
-//! This is the embedded store used when no `REDIS_URL` is configured.
+//! In-process status store, used when no `REDIS_URL` is configured.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
-use serde::Serialize;
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ConnectorStatus {
-    pub station_id: String,
-    /// 0 where the version has no EVSE level (1.6).
-    pub evse_id: i32,
-    pub connector_id: i32,
-    pub status: String,
-    pub error_code: Option<String>,
-    pub info: Option<String>,
-    pub event_time: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StationPresence {
-    pub station_id: String,
-    pub connected: bool,
-    pub node: Option<String>,
-    pub last_seen: Option<DateTime<Utc>>,
-    pub ocpp_version: Option<String>,
-    pub boot: Option<Value>,
-}
+use super::{ConnectorStatus, StationPresence};
 
 type ConnectorKey = (String, i32, i32);
+
+/// A station's presence plus when its current holder connected (`None`: a
+/// re-asserted claim, which any real connection overrides).
+struct Presence {
+    view: StationPresence,
+    since: Option<DateTime<Utc>>,
+}
 
 /// In-process status store. Cheap to clone (shared maps).
 #[derive(Clone, Default)]
 pub struct EmbeddedStore {
     connectors: Arc<DashMap<ConnectorKey, ConnectorStatus>>,
-    stations: Arc<DashMap<String, StationPresence>>,
+    stations: Arc<DashMap<String, Presence>>,
+}
+
+fn max_seen(cur: Option<DateTime<Utc>>, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    Some(cur.map_or(at, |l| l.max(at)))
 }
 
 impl EmbeddedStore {
@@ -49,7 +33,8 @@ impl EmbeddedStore {
         Self::default()
     }
 
-    /// Stores `s` unless the stored status for its connector is at least as new.
+    /// Stores `s` unless the stored status for its connector is at least as new
+    /// (compared to the microsecond, as the Redis store does).
     /// Returns whether it was stored.
     pub fn put_connector(&self, s: ConnectorStatus) -> bool {
         let key = (s.station_id.clone(), s.evse_id, s.connector_id);
@@ -57,7 +42,7 @@ impl EmbeddedStore {
         self.connectors
             .entry(key)
             .and_modify(|cur| {
-                if s.event_time > cur.event_time {
+                if s.event_time.timestamp_micros() > cur.event_time.timestamp_micros() {
                     *cur = s.clone();
                     stored = true;
                 }
@@ -69,58 +54,83 @@ impl EmbeddedStore {
         stored
     }
 
+    /// `node` now holds the station, unless another node holds it since a
+    /// later time (a late replay of an older connection).
     pub fn connected(&self, station: &str, node: &str, version: &str, at: DateTime<Utc>) {
         let mut p = self.presence_mut(station);
-        p.connected = true;
-        p.node = Some(node.to_string());
-        p.ocpp_version = Some(version.to_string());
-        p.last_seen = Some(at);
+        if p.view.connected
+            && p.view.node.as_deref() != Some(node)
+            && p.since
+                .is_some_and(|s| s.timestamp_micros() > at.timestamp_micros())
+        {
+            return;
+        }
+        p.view.connected = true;
+        p.view.node = Some(node.to_string());
+        p.view.ocpp_version = Some(version.to_string());
+        p.view.last_seen = max_seen(p.view.last_seen, at);
+        p.since = Some(at);
     }
 
     /// Marks the station disconnected, unless another node (or a newer
     /// connection on this one) has taken it over meanwhile.
     pub fn disconnected(&self, station: &str, node: &str, at: DateTime<Utc>) {
         if let Some(mut p) = self.stations.get_mut(station)
-            && p.node.as_deref() == Some(node)
+            && p.view.connected
+            && p.view.node.as_deref() == Some(node)
+            && p.since
+                .is_none_or(|s| s.timestamp_micros() <= at.timestamp_micros())
         {
-            p.connected = false;
-            p.last_seen = Some(p.last_seen.map_or(at, |l| l.max(at)));
+            p.view.connected = false;
+            p.view.last_seen = max_seen(p.view.last_seen, at);
         }
     }
 
     pub fn seen(&self, station: &str, at: DateTime<Utc>) {
         let mut p = self.presence_mut(station);
-        if p.last_seen.is_none_or(|l| at > l) {
-            p.last_seen = Some(at);
-        }
+        p.view.last_seen = max_seen(p.view.last_seen, at);
     }
 
     pub fn boot(&self, station: &str, info: Value) {
-        self.presence_mut(station).boot = Some(info);
+        self.presence_mut(station).view.boot = Some(info);
     }
 
-    fn presence_mut(
-        &self,
-        station: &str,
-    ) -> dashmap::mapref::one::RefMut<'_, String, StationPresence> {
+    /// Marks each station connected to `node` unless it is already connected
+    /// (to `node` or to another node, which keeps it).
+    pub fn reassert_presence(&self, node: &str, stations: Vec<(String, String)>) {
+        for (station, version) in stations {
+            let mut p = self.presence_mut(&station);
+            if !p.view.connected {
+                p.view.connected = true;
+                p.view.node = Some(node.to_string());
+                p.view.ocpp_version = Some(version);
+                p.since = None;
+            }
+        }
+    }
+
+    fn presence_mut(&self, station: &str) -> dashmap::mapref::one::RefMut<'_, String, Presence> {
         self.stations
             .entry(station.to_string())
-            .or_insert_with(|| StationPresence {
-                station_id: station.to_string(),
-                connected: false,
-                node: None,
-                last_seen: None,
-                ocpp_version: None,
-                boot: None,
+            .or_insert_with(|| Presence {
+                view: StationPresence {
+                    station_id: station.to_string(),
+                    connected: false,
+                    node: None,
+                    last_seen: None,
+                    ocpp_version: None,
+                    boot: None,
+                },
+                since: None,
             })
     }
 
     pub fn station(&self, station: &str) -> Option<StationPresence> {
-        self.stations.get(station).map(|p| p.clone())
+        self.stations.get(station).map(|p| p.view.clone())
     }
 
     pub fn stations(&self) -> Vec<StationPresence> {
-        let mut v: Vec<_> = self.stations.iter().map(|p| p.clone()).collect();
+        let mut v: Vec<_> = self.stations.iter().map(|p| p.view.clone()).collect();
         v.sort_by(|a, b| a.station_id.cmp(&b.station_id));
         v
     }
@@ -168,27 +178,12 @@ mod tests {
     }
 
     #[test]
-    fn newer_wins_regardless_of_arrival_order() {
+    fn put_connector_reports_whether_it_stored() {
         let s = EmbeddedStore::new();
         assert!(s.put_connector(st("Charging", 20)));
         assert!(!s.put_connector(st("Available", 10)));
         assert!(!s.put_connector(st("Faulted", 20)));
-        assert_eq!(s.connectors(Some("S1"))[0].status, "Charging");
         assert!(s.put_connector(st("Faulted", 30)));
         assert_eq!(s.connectors(None)[0].status, "Faulted");
-    }
-
-    #[test]
-    fn disconnect_from_old_node_does_not_clobber_takeover() {
-        let s = EmbeddedStore::new();
-        let t = Utc::now();
-        s.connected("S1", "a", "1.6", t);
-        s.connected("S1", "b", "1.6", t);
-        s.disconnected("S1", "a", t);
-        assert!(s.station("S1").unwrap().connected);
-        s.disconnected("S1", "b", t);
-        assert!(!s.station("S1").unwrap().connected);
-        s.remove_station("S1");
-        assert!(s.station("S1").is_none());
     }
 }
