@@ -43,9 +43,36 @@ enum Command {
     /// Maintain the lake.
     #[command(subcommand)]
     Lake(LakeCmd),
+    /// Refine bronze into silver and gold tables.
+    #[command(subcommand)]
+    Pipeline(PipelineCmd),
+    /// Simulate charging stations against a CSMS and print throughput, latency and server RSS.
+    Loadgen(loadgen::LoadgenArgs),
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum PipelineCmd {
+    /// Process new bronze into silver and gold (incremental; a rerun changes nothing).
+    Run {
+        #[arg(long, value_enum, default_value = "all")]
+        stage: StageArg,
+        /// Reprocess from this date (YYYY-MM-DD), whatever was processed before.
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Reprocess up to this date (inclusive).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StageArg {
+    Silver,
+    Gold,
+    All,
 }
 
 #[derive(Subcommand)]
@@ -125,19 +152,33 @@ fn main() -> Result<()> {
             }),
         )
         .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let mut config = Config::load(cli.config.as_deref()).context("loading configuration")?;
+    // One layered table (file ← environment); each crate takes its section.
+    let mut table = ingest::config::layered_table(cli.config.as_deref(), std::env::vars())
+        .context("loading configuration")?;
+    let pipeline_cfg: pipeline::PipelineConfig = match table.remove("pipeline") {
+        Some(section) => section
+            .try_into()
+            .context("invalid [pipeline] configuration")?,
+        None => Default::default(),
+    };
+    let mut config = Config::from_table(table).context("loading configuration")?;
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.command, config))
+    runtime.block_on(run(cli.command, config, pipeline_cfg))
 }
 
-async fn run(command: Command, config: Config) -> Result<()> {
+async fn run(
+    command: Command,
+    config: Config,
+    pipeline_cfg: pipeline::PipelineConfig,
+) -> Result<()> {
     match command {
         Command::Serve | Command::Ingest => {
             let running = ingest::runtime::start(config).await?;
@@ -153,6 +194,13 @@ async fn run(command: Command, config: Config) -> Result<()> {
         Command::Stations(cmd) => stations(cmd, &config),
         Command::Tokens(cmd) => tokens(cmd, &config),
         Command::Lake(cmd) => lake(cmd, &config).await,
+        Command::Pipeline(PipelineCmd::Run { stage, from, to }) => {
+            run_pipeline(&config, pipeline_cfg, stage, from, to).await
+        }
+        Command::Loadgen(args) => {
+            print!("{}", loadgen::run(args).await?);
+            Ok(())
+        }
         Command::Bench(BenchCmd::Wal {
             dir,
             seconds,
@@ -300,5 +348,44 @@ async fn lake(cmd: LakeCmd, config: &Config) -> Result<()> {
             println!("deleted {n} bronze rows older than {days} days");
         }
     }
+    Ok(())
+}
+
+async fn run_pipeline(
+    config: &Config,
+    mut pipeline: pipeline::PipelineConfig,
+    stage: StageArg,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+) -> Result<()> {
+    if let (Some(f), Some(t)) = (from, to)
+        && f > t
+    {
+        bail!("--from {f} is after --to {t}");
+    }
+    if pipeline.storage_options.is_empty() {
+        pipeline.storage_options = config.lake.storage_options.clone();
+    }
+    let url = config.lake_url()?;
+    let stage = match stage {
+        StageArg::Silver => pipeline::Stage::Silver,
+        StageArg::Gold => pipeline::Stage::Gold,
+        StageArg::All => pipeline::Stage::All,
+    };
+    let opts = pipeline::RunOptions { stage, from, to };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let pb = bar.clone();
+    let progress = move |e: pipeline::ProgressEvent| match e {
+        pipeline::ProgressEvent::StageStarted(s) => pb.set_message(format!("{s}")),
+        pipeline::ProgressEvent::TableStarted(t) => pb.set_message(format!("building {t}")),
+        pipeline::ProgressEvent::TableDone(t) => pb.println(format!(
+            "{:<28} {:>10} rows in {:>10} rows out  {:.1} s",
+            t.name, t.rows_in, t.rows_out, t.seconds
+        )),
+    };
+    let summary = pipeline::run(&url, &pipeline, &opts, &progress).await?;
+    bar.finish_and_clear();
+    println!("{summary}");
     Ok(())
 }

@@ -13,7 +13,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{lake::LakeConfig, limits::LimitsConfig, tls::TlsConfig, wal::WalConfig};
+use crate::{
+    lake::LakeConfig, limits::LimitsConfig, status::RedisStatusConfig, tls::TlsConfig,
+    wal::WalConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -102,6 +105,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub wal: WalConfig,
     pub lake: LakeConfig,
+    /// The Redis status store (used when `redis_url` is set).
+    pub status: RedisStatusConfig,
 }
 
 impl Default for Config {
@@ -123,6 +128,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             wal: WalConfig::default(),
             lake: LakeConfig::default(),
+            status: RedisStatusConfig::default(),
         }
     }
 }
@@ -158,40 +164,12 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let default_file = Path::new("csms.toml");
-        let path = file.or_else(|| default_file.exists().then_some(default_file));
-        let mut table = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                text.parse::<toml::Table>().map_err(|e| ConfigError::Toml {
-                    path: p.to_path_buf(),
-                    message: e.to_string(),
-                })?
-            }
-            None => toml::Table::new(),
-        };
-        for (key, value) in env {
-            if let Some((_, path)) = NAMED_ENV.iter().find(|(name, _)| *name == key) {
-                set_path(&mut table, path, toml::Value::String(value));
-            } else if let Some((_, field)) = NAMED_BOOL_ENV.iter().find(|(name, _)| *name == key) {
-                let b = parse_bool(&value).ok_or_else(|| {
-                    ConfigError::Invalid(format!("{key}={value:?}: expected true or false"))
-                })?;
-                set_path(&mut table, &[field], toml::Value::Boolean(b));
-            } else if let Some(rest) = key.strip_prefix("CSMS_")
-                && let Some((section, field)) = rest.split_once("__")
-            {
-                let path = [section.to_ascii_lowercase(), field.to_ascii_lowercase()];
-                set_path(
-                    &mut table,
-                    &[path[0].as_str(), path[1].as_str()],
-                    scalar(&value),
-                );
-            }
-        }
+        Self::from_table(layered_table(file, env)?)
+    }
+
+    /// Deserialises and checks the ingest settings of a layered table (see
+    /// [`layered_table`]); sections owned by other crates must be removed first.
+    pub fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
         let config: Config =
             Config::deserialize(table).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.check()?;
@@ -275,6 +253,51 @@ impl Config {
         std::fs::write(&path, &id).map_err(|source| ConfigError::Io { path, source })?;
         Ok(id)
     }
+}
+
+/// Defaults are applied later by each section's `Default`; this is the file
+/// (`file`, or `./csms.toml` when present) overlaid with the environment, as
+/// one TOML table. Each crate deserialises its own section from it, so every
+/// setting is layered the same way.
+pub fn layered_table(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<toml::Table, ConfigError> {
+    let default_file = Path::new("csms.toml");
+    let path = file.or_else(|| default_file.exists().then_some(default_file));
+    let mut table = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            text.parse::<toml::Table>().map_err(|e| ConfigError::Toml {
+                path: p.to_path_buf(),
+                message: e.to_string(),
+            })?
+        }
+        None => toml::Table::new(),
+    };
+    for (key, value) in env {
+        if let Some((_, path)) = NAMED_ENV.iter().find(|(name, _)| *name == key) {
+            set_path(&mut table, path, toml::Value::String(value));
+        } else if let Some((_, field)) = NAMED_BOOL_ENV.iter().find(|(name, _)| *name == key) {
+            let b = parse_bool(&value).ok_or_else(|| {
+                ConfigError::Invalid(format!("{key}={value:?}: expected true or false"))
+            })?;
+            set_path(&mut table, &[field], toml::Value::Boolean(b));
+        } else if let Some(rest) = key.strip_prefix("CSMS_")
+            && let Some((section, field)) = rest.split_once("__")
+        {
+            let path = [section.to_ascii_lowercase(), field.to_ascii_lowercase()];
+            set_path(
+                &mut table,
+                &[path[0].as_str(), path[1].as_str()],
+                scalar(&value),
+            );
+        }
+    }
+    Ok(table)
 }
 
 fn parse_bool(s: &str) -> Option<bool> {

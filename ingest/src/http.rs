@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::{
     registry::{IdTokenRecord, IdTokenStatus},
     server::Node,
-    session::{self, CallAnswer, CallFailure},
+    session::{CallAnswer, CallFailure},
 };
 
 #[derive(Clone)]
@@ -27,6 +27,7 @@ pub struct ApiState {
     pub node: Arc<Node>,
     pub admin_token: Arc<str>,
     pub metrics: PrometheusHandle,
+    pub router: crate::router::CommandRouter,
 }
 
 /// An API failure: the status and a message saying what is wrong.
@@ -106,13 +107,15 @@ async fn render_metrics(State(state): State<ApiState>) -> impl IntoResponse {
     )
 }
 
-fn station_json(node: &Node, id: &str) -> Value {
-    let presence = node.status.station(id);
+async fn station_json(node: &Node, id: &str) -> Value {
+    let presence = node.status.station(id).await.ok().flatten();
     let connected =
         node.sessions.contains_key(id) || presence.as_ref().is_some_and(|p| p.connected);
     let connectors: Vec<Value> = node
         .status
         .connectors(Some(id))
+        .await
+        .unwrap_or_default()
         .into_iter()
         .map(|c| {
             json!({
@@ -140,12 +143,21 @@ fn station_json(node: &Node, id: &str) -> Value {
 async fn list_stations(State(state): State<ApiState>) -> Json<Value> {
     let node = &state.node;
     let mut ids: Vec<String> = node.stations.list().into_iter().map(|s| s.id).collect();
-    ids.extend(node.status.stations().into_iter().map(|p| p.station_id));
+    ids.extend(
+        node.status
+            .stations()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.station_id),
+    );
     ids.sort();
     ids.dedup();
-    Json(Value::Array(
-        ids.iter().map(|id| station_json(node, id)).collect(),
-    ))
+    let mut out = Vec::new();
+    for id in &ids {
+        out.push(station_json(node, id).await);
+    }
+    Json(Value::Array(out))
 }
 
 async fn get_station(
@@ -153,10 +165,10 @@ async fn get_station(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let node = &state.node;
-    if node.stations.get(&id).is_none() && node.status.station(&id).is_none() {
+    if node.stations.get(&id).is_none() && node.status.station(&id).await.ok().flatten().is_none() {
         return Err(err(StatusCode::NOT_FOUND, format!("no station {id:?}")));
     }
-    Ok(Json(station_json(node, &id)))
+    Ok(Json(station_json(node, &id).await))
 }
 
 #[derive(Deserialize)]
@@ -190,7 +202,10 @@ async fn add_station(
         .await
         .map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "registry task failed"))?
         .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok((StatusCode::CREATED, Json(station_json(&state.node, &s.id))))
+    Ok((
+        StatusCode::CREATED,
+        Json(station_json(&state.node, &s.id).await),
+    ))
 }
 
 async fn remove_station(
@@ -202,7 +217,7 @@ async fn remove_station(
         .stations
         .remove(&id)
         .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    state.node.status.remove_station(&id);
+    let _ = state.node.status.remove_station(&id).await;
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -221,7 +236,13 @@ async fn command(
         serde_json::from_slice(&body)
             .map_err(|e| err(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")))?
     };
-    match session::call(&state.node, &id, &action, payload).await {
+    let holder = holder_of(&state.node, &id).await;
+    let timeout = std::time::Duration::from_secs(state.node.config.ocpp.call_timeout_secs + 2);
+    match state
+        .router
+        .call(holder, &id, &action, payload, timeout)
+        .await
+    {
         Ok(CallAnswer::Result(p)) => Ok(Json(json!({ "status": "result", "payload": p }))),
         Ok(CallAnswer::Error {
             code,
@@ -238,6 +259,22 @@ async fn command(
         Err(e @ CallFailure::Busy) => Err(err(StatusCode::TOO_MANY_REQUESTS, e.to_string())),
         Err(e) => Err(err(StatusCode::BAD_GATEWAY, e.to_string())),
     }
+}
+
+/// The node holding `id`'s socket: this one when the session is here (fresher
+/// than any store), else the presence record; `None` runs it locally, which
+/// answers "not connected".
+async fn holder_of(node: &Node, id: &str) -> Option<String> {
+    if node.sessions.contains_key(id) {
+        return Some(node.node_id.clone());
+    }
+    node.status
+        .station(id)
+        .await
+        .ok()
+        .flatten()
+        .filter(|p| p.connected)
+        .and_then(|p| p.node)
 }
 
 async fn list_tokens(State(state): State<ApiState>) -> Json<Value> {
@@ -296,7 +333,6 @@ mod tests {
         config::Config,
         limits::AddressLimiter,
         registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
-        status::EmbeddedStore,
         txid::{FileAllocator, TxIdAllocator},
         wal::Wal,
     };
@@ -323,13 +359,21 @@ mod tests {
                 overloaded: Arc::new(|| false),
             },
             wal: wal_handle,
-            status: EmbeddedStore::new(),
+            status: crate::status::StatusStore::embedded(),
             sessions: Default::default(),
             connections: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             config,
         });
+        let exec_node = node.clone();
         let state = ApiState {
+            router: crate::router::CommandRouter::local(
+                node.node_id.clone(),
+                crate::router::execute_fn(move |station, action, payload| {
+                    let node = exec_node.clone();
+                    async move { crate::session::call(&node, &station, &action, payload).await }
+                }),
+            ),
             node,
             admin_token: "secret".into(),
             metrics: crate::metrics::install(),

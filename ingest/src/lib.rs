@@ -31,6 +31,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
+pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod session;

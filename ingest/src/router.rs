@@ -38,6 +38,16 @@ pub type Execute = Arc<
         + Sync,
 >;
 
+/// Wraps an async closure as an [`Execute`], e.g.
+/// `execute_fn(move |s, a, p| { let n = node.clone(); async move { session::call(&n, &s, &a, p).await } })`.
+pub fn execute_fn<F, Fut>(f: F) -> Execute
+where
+    F: Fn(String, String, Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<CallAnswer, CallFailure>> + Send + 'static,
+{
+    Arc::new(move |station, action, payload| Box::pin(f(station, action, payload)))
+}
+
 /// "Which node holds station X's socket?" (None: not connected anywhere we
 /// know of). Implemented for closures `Fn(String) -> BoxFuture<Option<String>>`
 /// so the status store can be plugged in without the router knowing it.
@@ -196,7 +206,9 @@ impl From<WireFailure> for CallFailure {
                     // A newer node speaking a version this one does not know:
                     // still a refusal of the action, so still a client error.
                     None => CallFailure::InvalidPayload {
-                        reason: format!("{action} is not a CSMS-initiated action of OCPP {version}"),
+                        reason: format!(
+                            "{action} is not a CSMS-initiated action of OCPP {version}"
+                        ),
                         action,
                     },
                 }
@@ -446,7 +458,10 @@ async fn call_remote(
             return Err(CallFailure::Disconnected);
         }
         Ok(Ok(0)) => {
-            debug!(station, holder, "no node listens for the holder: not connected");
+            debug!(
+                station,
+                holder, "no node listens for the holder: not connected"
+            );
             return Err(CallFailure::NotConnected(station.to_string()));
         }
         Ok(Ok(_)) => {}
@@ -661,7 +676,7 @@ mod tests {
     /// An execute closure that answers with the node's name and what it got,
     /// counting its runs; special actions sleep or fail.
     fn executor(node: &'static str, runs: Arc<AtomicUsize>) -> Execute {
-        Arc::new(move |station: String, action: String, payload: Value| {
+        execute_fn(move |station: String, action: String, payload: Value| {
             let runs = runs.clone();
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -685,7 +700,6 @@ mod tests {
                     }))),
                 }
             }
-            .boxed()
         })
     }
 
@@ -719,9 +733,8 @@ mod tests {
         let redis = RedisServer::start().await;
         let p = pair(&redis).await;
         let payload = json!({"connectorId": 1, "idTag": "TAG1"});
-        let got = p
-            .a
-            .call(
+        let got =
+            p.a.call(
                 Some("B".into()),
                 "CP1",
                 "RemoteStartTransaction",
@@ -741,8 +754,14 @@ mod tests {
         let calls = (0..20).map(|i| {
             let b = p.b.clone();
             async move {
-                b.call(Some("A".into()), &format!("CP{i}"), "Reset", json!({"i": i}), T)
-                    .await
+                b.call(
+                    Some("A".into()),
+                    &format!("CP{i}"),
+                    "Reset",
+                    json!({"i": i}),
+                    T,
+                )
+                .await
             }
         });
         for (i, r) in futures_util::future::join_all(calls)
@@ -753,7 +772,10 @@ mod tests {
             let Ok(CallAnswer::Result(v)) = r else {
                 panic!("call {i}: {r:?}")
             };
-            assert_eq!((v["node"].as_str(), v["payload"]["i"].as_u64()), (Some("A"), Some(i as u64)));
+            assert_eq!(
+                (v["node"].as_str(), v["payload"]["i"].as_u64()),
+                (Some("A"), Some(i as u64))
+            );
         }
         assert_eq!(p.a_runs.load(Ordering::SeqCst), 20);
         assert_eq!((p.a.waiting(), p.b.waiting()), (0, 0));
@@ -791,12 +813,15 @@ mod tests {
         let p = pair(&redis).await;
         let started = Instant::now();
         let timeout = Duration::from_millis(300);
-        let got = p
-            .a
-            .call(Some("B".into()), "CP1", "Slow", json!({}), timeout)
-            .await;
+        let got =
+            p.a.call(Some("B".into()), "CP1", "Slow", json!({}), timeout)
+                .await;
         assert_eq!(got, Err(CallFailure::Timeout(timeout)));
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(p.b_runs.load(Ordering::SeqCst), 1);
         assert_eq!(p.a.waiting(), 0);
     }
@@ -805,17 +830,21 @@ mod tests {
     async fn holder_without_a_subscriber_is_not_connected() {
         let redis = RedisServer::start().await;
         let p = pair(&redis).await;
-        let got = p
-            .a
-            .call(Some("C".into()), "CP1", "Reset", json!({}), T)
-            .await;
+        let got =
+            p.a.call(Some("C".into()), "CP1", "Reset", json!({}), T)
+                .await;
         assert_eq!(got, Err(CallFailure::NotConnected("CP1".into())));
-        assert_eq!(p.a_runs.load(Ordering::SeqCst) + p.b_runs.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            p.a_runs.load(Ordering::SeqCst) + p.b_runs.load(Ordering::SeqCst),
+            0
+        );
         // A node that has gone away stops receiving too.
         drop(p.b);
         let mut last = Ok(CallAnswer::Result(Value::Null));
         for _ in 0..50 {
-            last = p.a.call(Some("B".into()), "CP1", "Reset", json!({}), T).await;
+            last =
+                p.a.call(Some("B".into()), "CP1", "Reset", json!({}), T)
+                    .await;
             if last == Err(CallFailure::NotConnected("CP1".into())) {
                 break;
             }
@@ -835,7 +864,13 @@ mod tests {
             };
             assert_eq!(v["node"], "A");
         }
-        assert_eq!((p.a_runs.load(Ordering::SeqCst), p.b_runs.load(Ordering::SeqCst)), (2, 0));
+        assert_eq!(
+            (
+                p.a_runs.load(Ordering::SeqCst),
+                p.b_runs.load(Ordering::SeqCst)
+            ),
+            (2, 0)
+        );
         // A local call is bounded by the timeout as well.
         assert_eq!(
             p.a.call(None, "CP1", "Slow", json!({}), Duration::from_millis(100))
@@ -867,9 +902,15 @@ mod tests {
             async move { (station == "on-b").then(|| "B".to_string()) }.boxed()
         };
         let got = p.a.route(&lookup, "on-b", "Reset", json!({}), T).await;
-        assert!(matches!(got, Ok(CallAnswer::Result(ref v)) if v["node"] == "B"), "{got:?}");
+        assert!(
+            matches!(got, Ok(CallAnswer::Result(ref v)) if v["node"] == "B"),
+            "{got:?}"
+        );
         let got = p.a.route(&lookup, "elsewhere", "Reset", json!({}), T).await;
-        assert!(matches!(got, Ok(CallAnswer::Result(ref v)) if v["node"] == "A"), "{got:?}");
+        assert!(
+            matches!(got, Ok(CallAnswer::Result(ref v)) if v["node"] == "A"),
+            "{got:?}"
+        );
     }
 
     #[tokio::test]
@@ -877,16 +918,19 @@ mod tests {
         let mut redis = RedisServer::start().await;
         let p = pair(&redis).await;
         let b = Some("B".to_string());
-        assert!(p.a.call(b.clone(), "CP1", "Reset", json!({}), T).await.is_ok());
+        assert!(
+            p.a.call(b.clone(), "CP1", "Reset", json!({}), T)
+                .await
+                .is_ok()
+        );
         redis.restart().await;
         // Both nodes resubscribe (backoff starts at 100 ms); until then the
         // calls fail cleanly instead of hanging.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let got = p
-                .a
-                .call(b.clone(), "CP1", "Reset", json!({}), Duration::from_secs(1))
-                .await;
+            let got =
+                p.a.call(b.clone(), "CP1", "Reset", json!({}), Duration::from_secs(1))
+                    .await;
             if matches!(got, Ok(CallAnswer::Result(ref v)) if v["node"] == "B") {
                 break;
             }
@@ -899,7 +943,10 @@ mod tests {
                 ),
                 "{got:?}"
             );
-            assert!(Instant::now() < deadline, "no recovery after the restart: {got:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no recovery after the restart: {got:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(p.a.waiting(), 0);
@@ -935,7 +982,11 @@ mod tests {
             };
             let text = serde_json::to_string(&reply).unwrap();
             let back: CommandReply = serde_json::from_str(&text).unwrap();
-            assert_eq!(Result::<CallAnswer, CallFailure>::from(back.outcome), case, "{text}");
+            assert_eq!(
+                Result::<CallAnswer, CallFailure>::from(back.outcome),
+                case,
+                "{text}"
+            );
         }
         let v = serde_json::to_value(CommandReply {
             id: "x".into(),

@@ -23,7 +23,7 @@ use crate::{
     limits::AddressLimiter,
     registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
     server::{self, Node},
-    status::EmbeddedStore,
+    status::StatusStore,
     txid::{FileAllocator, TxIdAllocator},
     wal::Wal,
 };
@@ -66,6 +66,14 @@ impl Running {
             t.abort();
         }
         let _ = self.lake_task.await;
+        if !self
+            .node
+            .status
+            .flush(std::time::Duration::from_secs(5))
+            .await
+        {
+            warn!("status updates still queued at shutdown (Redis unreachable?)");
+        }
     }
 }
 
@@ -117,6 +125,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             FileAllocator::open(&config.data_dir).map_err(|e| component("transaction ids")(&e))?,
         )),
     };
+    let status = match &config.redis_url {
+        Some(url) => StatusStore::redis(url, config.status.clone())
+            .await
+            .map_err(|e| component("status store")(&e))?,
+        None => StatusStore::embedded(),
+    };
     let overload_wal = wal_handle.clone();
     let handlers = Handlers {
         ocpp: Arc::new(config.ocpp.clone()),
@@ -133,7 +147,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stations,
         handlers,
         wal: wal_handle,
-        status: EmbeddedStore::new(),
+        status,
         sessions: Default::default(),
         connections: AtomicUsize::new(0),
         next_conn_id: AtomicU64::new(1),
@@ -190,7 +204,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: config.http_addr,
             source,
         })?;
+    let exec_node = node.clone();
+    let execute = crate::router::execute_fn(move |station, action, payload| {
+        let node = exec_node.clone();
+        async move { crate::session::call(&node, &station, &action, payload).await }
+    });
+    let router = match &config.redis_url {
+        Some(url) => crate::router::CommandRouter::redis(url, node_id.clone(), execute)
+            .await
+            .map_err(|e| component("command router")(&e))?,
+        None => crate::router::CommandRouter::local(node_id.clone(), execute),
+    };
     let app = http::router(ApiState {
+        router,
         node: node.clone(),
         admin_token: admin_token.into(),
         metrics,

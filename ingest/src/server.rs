@@ -33,7 +33,7 @@ use crate::{
     limits::{AddressLimiter, record_limit},
     registry::{AuthDecision, StationRegistry, validate_station_id},
     session::{self, Sessions},
-    status::EmbeddedStore,
+    status::StatusStore,
     wal::WalHandle,
 };
 
@@ -46,7 +46,7 @@ pub struct Node {
     pub stations: StationRegistry,
     pub handlers: Handlers,
     pub wal: WalHandle,
-    pub status: EmbeddedStore,
+    pub status: StatusStore,
     pub sessions: Sessions,
     pub limiter: AddressLimiter,
     pub connections: AtomicUsize,

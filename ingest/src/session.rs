@@ -133,6 +133,9 @@ pub async fn call(
     answer.await.unwrap_or(Err(CallFailure::Disconnected))
 }
 
+/// Extra delay per answer while the WAL is over its disk budget.
+const OVER_BUDGET_DELAY: Duration = Duration::from_millis(500);
+
 struct Pending {
     message_id: String,
     action: String,
@@ -526,6 +529,12 @@ where
     /// Makes the incoming frame and its answer durable, then sends the answer.
     /// Returns whether the answer went out.
     async fn answer(&mut self, incoming: WalRecord, out: Frame, action: Option<&str>) -> bool {
+        if self.node.wal.over_budget() {
+            // The lake is not draining the WAL: slow every station down so the
+            // disk budget lasts longer, rather than refusing what they send.
+            record_limit("wal_budget");
+            tokio::time::sleep(OVER_BUDGET_DELAY).await;
+        }
         let out_text = out.to_text();
         let mut out_rec = self.record(
             Direction::CsmsToCs,

@@ -21,6 +21,7 @@ pub mod error_code;
 pub mod events;
 pub mod frame;
 pub mod sample;
+pub mod tables;
 pub mod version;
 
 pub use adapter::{events_from_call, parse_timestamp};

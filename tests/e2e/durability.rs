@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
-use tests::{NODE_ID, OcppClient, TestServer, free_ports, http_request, run_python, tail_file};
+use tests::{
+    NODE_ID, OcppClient, TestServer, TestServerBuilder, free_ports, http_request, run_python,
+    tail_file,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -56,7 +59,7 @@ struct StreamLog {
 /// first, then Heartbeat / StatusNotification / MeterValues in turn, each
 /// valid for its version.
 fn nth_call(subprotocol: &str, n: u64) -> (&'static str, Value) {
-    let now = chrono_like_now();
+    let now = utc_now_rfc3339();
     let v16 = subprotocol == "ocpp1.6";
     if n == 0 {
         return if v16 {
@@ -75,11 +78,11 @@ fn nth_call(subprotocol: &str, n: u64) -> (&'static str, Value) {
         (0, _) => ("Heartbeat", json!({})),
         (1, true) => (
             "StatusNotification",
-            json!({"connectorId": 1, "errorCode": "NoError", "status": if n % 2 == 0 { "Available" } else { "Charging" }}),
+            json!({"connectorId": 1, "errorCode": "NoError", "status": if n.is_multiple_of(2) { "Available" } else { "Charging" }}),
         ),
         (1, false) => (
             "StatusNotification",
-            json!({"timestamp": now, "connectorStatus": if n % 2 == 0 { "Available" } else { "Occupied" }, "evseId": 1, "connectorId": 1}),
+            json!({"timestamp": now, "connectorStatus": if n.is_multiple_of(2) { "Available" } else { "Occupied" }, "evseId": 1, "connectorId": 1}),
         ),
         (_, true) => (
             "MeterValues",
@@ -92,11 +95,18 @@ fn nth_call(subprotocol: &str, n: u64) -> (&'static str, Value) {
     }
 }
 
-/// The current UTC time as RFC 3339 with milliseconds, without a date crate.
-fn chrono_like_now() -> String {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+/// The current UTC time as RFC 3339 with milliseconds.
+fn utc_now_rfc3339() -> String {
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+/// `since` the Unix epoch as RFC 3339 UTC with milliseconds (the tests
+/// crate has no date library).
+fn rfc3339(since: Duration) -> String {
     let secs = since.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -135,10 +145,10 @@ fn spawn_station(
             answered: Vec::new(),
             ended_by: None,
         };
-        let mut client = match OcppClient::connect(&url, &[subprotocol], None).await {
+        let mut client = match connect_nodelay(&url, subprotocol).await {
             Ok(c) => c,
             Err(e) => {
-                log.ended_by = Some(format!("connect: {e}"));
+                log.ended_by = Some(format!("connect: {e:#}"));
                 return log;
             }
         };
@@ -170,6 +180,23 @@ fn spawn_station(
         }
         log
     })
+}
+
+/// Connects like a charger would, but with `TCP_NODELAY`: without it Nagle's
+/// algorithm and delayed ACKs hold each small frame back ~20 ms, and the
+/// stream would be far thinner than the server can take.
+async fn connect_nodelay(url: &str, subprotocol: &str) -> Result<OcppClient> {
+    let addr = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| anyhow!("not a ws:// URL: {url}"))?;
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("TCP connect to {addr} timed out"))??;
+    stream.set_nodelay(true)?;
+    OcppClient::connect_stream(Box::new(stream), url, &[subprotocol], None)
+        .await
+        .map_err(|e| anyhow!("{e}"))
 }
 
 /// Reads frames until the CALLRESULT for `id`; skips CALLs the server may
@@ -483,15 +510,22 @@ fn grep_log(path: &Path) -> String {
         .join("\n")
 }
 
+/// A server for streaming tests: unknown stations allowed, and the
+/// per-station message rate limit (20/s by default, which would pace the
+/// stations instead of the WAL) lifted.
+fn stream_server() -> TestServerBuilder {
+    TestServer::builder()
+        .env("CSMS_ALLOW_UNKNOWN", "true")
+        .env("CSMS_LIMITS__MESSAGES_PER_STATION_PER_SEC", "1000000")
+        .env("CSMS_LIMITS__MESSAGE_BURST_PER_STATION", "1000000")
+}
+
 // ---------------------------------------------------------------------------
 // 1. crash mid-stream
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_stream_loses_nothing() -> Result<()> {
-    let mut server = TestServer::builder()
-        .env("CSMS_ALLOW_UNKNOWN", "true")
-        .start()
-        .await;
+    let mut server = stream_server().start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let stations = [
         ("CRASH-A", "ocpp1.6"),
@@ -622,14 +656,27 @@ impl Drop for Moto {
     }
 }
 
-/// A TCP forwarder we can take down: while down it closes new connections
-/// at once and cuts every open one, as an unreachable object store would
-/// look to its client (fast failures, not hangs).
+/// How [`TcpProxy`] treats traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyMode {
+    /// Forwards both ways.
+    Up,
+    /// Closes new connections at once and cuts open ones: an unreachable
+    /// store as its client sees it when connections fail fast.
+    Refuse,
+    /// Accepts connections but forwards nothing until the mode changes:
+    /// a network partition, where requests hang until the client times out.
+    Hang,
+}
+
+/// A TCP forwarder in front of the object store that the test can take
+/// down (refusing or hanging), then bring back with the store's state intact.
 struct TcpProxy {
     addr: SocketAddr,
-    up: Arc<watch::Sender<bool>>,
-    /// Connections closed unserved or cut because the proxy was down.
-    refused: Arc<AtomicU64>,
+    mode: Arc<watch::Sender<ProxyMode>>,
+    /// Connections refused, cut or held because of the mode: proof that the
+    /// client tried to reach the store during an outage.
+    disrupted: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -637,56 +684,108 @@ impl TcpProxy {
     async fn start(upstream: SocketAddr) -> Result<TcpProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let up = Arc::new(watch::Sender::new(true));
-        let refused = Arc::new(AtomicU64::new(0));
+        let mode = Arc::new(watch::Sender::new(ProxyMode::Up));
+        let disrupted = Arc::new(AtomicU64::new(0));
         let task = {
-            let up = up.clone();
-            let refused = refused.clone();
+            let mode = mode.clone();
+            let disrupted = disrupted.clone();
             tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if !*up.borrow() {
-                        refused.fetch_add(1, Ordering::SeqCst);
-                        drop(inbound);
-                        continue;
-                    }
-                    let mut down = up.subscribe();
-                    let refused = refused.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = down.wait_for(|up| !*up) => {
-                                refused.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
-                    });
+                while let Ok((inbound, _)) = listener.accept().await {
+                    tokio::spawn(Self::serve(
+                        inbound,
+                        upstream,
+                        mode.subscribe(),
+                        disrupted.clone(),
+                    ));
                 }
             })
         };
         Ok(TcpProxy {
             addr,
-            up,
-            refused,
+            mode,
+            disrupted,
             task,
         })
     }
 
-    fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
+    /// One client connection: held while hanging, dropped while refusing,
+    /// else forwarded until either side closes or the mode turns `Refuse`.
+    async fn serve(
+        inbound: TcpStream,
+        upstream: SocketAddr,
+        mut mode: watch::Receiver<ProxyMode>,
+        disrupted: Arc<AtomicU64>,
+    ) {
+        let now = *mode.borrow_and_update();
+        if now != ProxyMode::Up {
+            disrupted.fetch_add(1, Ordering::SeqCst);
+        }
+        match mode.wait_for(|m| *m != ProxyMode::Hang).await.map(|m| *m) {
+            Ok(ProxyMode::Up) => {}
+            _ => return,
+        }
+        let Ok(outbound) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        let (in_read, in_write) = inbound.into_split();
+        let (out_read, out_write) = outbound.into_split();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut cut = mode.clone();
+        tokio::select! {
+            _ = Self::pump(in_read, out_write, mode.clone(), flag.clone(), disrupted.clone()) => {}
+            _ = Self::pump(out_read, in_write, mode.clone(), flag.clone(), disrupted.clone()) => {}
+            _ = cut.wait_for(|m| *m == ProxyMode::Refuse) => {
+                disrupted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Copies one direction, holding each chunk while the mode is `Hang`
+    /// (counted once per connection through `held`).
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut mode: watch::Receiver<ProxyMode>,
+        held: Arc<AtomicBool>,
+        disrupted: Arc<AtomicU64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if *mode.borrow_and_update() == ProxyMode::Hang && !held.swap(true, Ordering::SeqCst) {
+                disrupted.fetch_add(1, Ordering::SeqCst);
+            }
+            match mode.wait_for(|m| *m != ProxyMode::Hang).await.map(|m| *m) {
+                Ok(ProxyMode::Up) => {}
+                _ => return,
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    fn set_mode(&self, mode: ProxyMode) {
+        self.mode.send_replace(mode);
     }
 }
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
-        self.set_up(false);
+        self.set_mode(ProxyMode::Refuse);
         self.task.abort();
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_outage_then_drain() -> Result<()> {
+/// Streams CALLs from two stations through an object-store outage of
+/// `outage` kind: answers must keep coming (the WAL absorbs the outage),
+/// and once the store is back everything answered drains into bronze once.
+async fn outage_then_drain(outage: ProxyMode) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let moto = Moto::start(dir.path()).await?;
     let bucket = "csms-durability";
@@ -699,8 +798,7 @@ async fn s3_outage_then_drain() -> Result<()> {
         ("AWS_ALLOW_HTTP", "true"),
     ];
     let lake_url = format!("s3://{bucket}/lake");
-    let mut builder = TestServer::builder()
-        .env("CSMS_ALLOW_UNKNOWN", "true")
+    let mut builder = stream_server()
         .env("CSMS_LAKE_URL", lake_url.clone())
         .env("AWS_ENDPOINT_URL", format!("http://{}", proxy.addr));
     for (k, v) in creds {
@@ -741,8 +839,8 @@ async fn s3_outage_then_drain() -> Result<()> {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let down_at = Instant::now();
-    let refused_before = proxy.refused.load(Ordering::SeqCst);
-    proxy.set_up(false);
+    let disrupted_before = proxy.disrupted.load(Ordering::SeqCst);
+    proxy.set_mode(outage);
     // While the store is down, nothing answered in the outage can be in
     // bronze (a commit started just before the cut carries only records
     // sealed before it, hence the margin).
@@ -754,21 +852,21 @@ async fn s3_outage_then_drain() -> Result<()> {
         .unwrap_or_default();
     let remaining = Duration::from_secs(5).saturating_sub(down_at.elapsed());
     tokio::time::sleep(remaining).await;
-    let refused_during = proxy.refused.load(Ordering::SeqCst) - refused_before;
-    proxy.set_up(true);
+    let disrupted_during = proxy.disrupted.load(Ordering::SeqCst) - disrupted_before;
+    proxy.set_mode(ProxyMode::Up);
     let up_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::SeqCst);
     let logs = join_all(handles).await?;
     eprintln!(
-        "s3 outage: {} (outage {:?}, {} S3 connections refused or cut meanwhile)",
+        "s3 outage ({outage:?}): {} (outage {:?}, {} S3 connections refused, cut or held meanwhile)",
         summary(&logs),
         up_at - down_at,
-        refused_during
+        disrupted_during
     );
 
     ensure!(
-        refused_during > 0,
+        disrupted_during > 0,
         "csms made no object store request during the {:?} outage, so the test exercised nothing",
         up_at - down_at
     );
@@ -824,13 +922,23 @@ async fn s3_outage_then_drain() -> Result<()> {
     let drain_start = Instant::now();
     let bronze = wait_exactly_once(&lake, &[NODE_ID], &answered, &context).await?;
     eprintln!(
-        "s3 outage: {} answered CALLs in bronze exactly once ({} rows, version {}), drained {:?} after the store came back",
+        "s3 outage ({outage:?}): {} answered CALLs in bronze exactly once ({} rows, version {}), drained {:?} after the store came back",
         answered.len(),
         bronze.rows.len(),
         bronze.version,
         drain_start.elapsed() + Duration::from_secs(2)
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_then_drain() -> Result<()> {
+    outage_then_drain(ProxyMode::Refuse).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_partition_then_drain() -> Result<()> {
+    outage_then_drain(ProxyMode::Hang).await
 }
 
 // ---------------------------------------------------------------------------
@@ -841,8 +949,7 @@ async fn two_nodes_one_table() -> Result<()> {
     let lake_dir = tempfile::tempdir()?;
     let lake_url = lake_dir.path().join("lake").display().to_string();
     let node = |id: &str| {
-        TestServer::builder()
-            .env("CSMS_ALLOW_UNKNOWN", "true")
+        stream_server()
             .env("CSMS_NODE_ID", id)
             .env("CSMS_LAKE_URL", lake_url.clone())
             .start()
@@ -926,10 +1033,7 @@ async fn two_nodes_one_table() -> Result<()> {
 
 #[tokio::test]
 async fn bronze_is_plain_delta() -> Result<()> {
-    let server = TestServer::builder()
-        .env("CSMS_ALLOW_UNKNOWN", "true")
-        .start()
-        .await;
+    let server = stream_server().start().await;
     let station = "PLAIN-1";
     let mut client = server.connect(station, "ocpp1.6", None).await?;
     let mut answered = Vec::new();
@@ -1065,4 +1169,68 @@ async fn bronze_is_plain_delta() -> Result<()> {
         doc["txn"]
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn rfc3339_civil_dates() {
+        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(Duration::from_millis(951_827_696_789)),
+            "2000-02-29T12:34:56.789Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(1_735_689_599)),
+            "2024-12-31T23:59:59.000Z"
+        );
+    }
+
+    fn row(station: &str, dir: &str, t: i64, id: &str, seq: i64) -> Row {
+        Row {
+            station_id: station.into(),
+            direction: dir.into(),
+            message_type: t,
+            message_id: id.into(),
+            node_id: "n".into(),
+            wal_seq: seq,
+        }
+    }
+
+    #[test]
+    fn check_bronze_flags_loss_and_duplicates() {
+        let answered = vec![("S".to_string(), "1".to_string()), ("S".into(), "2".into())];
+        let mut bronze = Bronze {
+            version: 1,
+            rows: vec![
+                row("S", "cs_to_csms", 2, "1", 1),
+                row("S", "csms_to_cs", 3, "1", 2),
+                row("S", "cs_to_csms", 2, "2", 3),
+            ],
+            txn: HashMap::from([("csms-bronze-n".to_string(), Some(3))]),
+        };
+        let f = check_bronze(&bronze, &answered);
+        assert!(!f.corrupt());
+        assert_eq!(f.missing_result, vec![("S".to_string(), "2".to_string())]);
+        assert!(f.missing_call.is_empty());
+
+        bronze.rows.push(row("S", "csms_to_cs", 3, "2", 4));
+        bronze.txn.insert("csms-bronze-n".into(), Some(4));
+        let f = check_bronze(&bronze, &answered);
+        assert!(f.complete() && !f.corrupt());
+
+        // The same frame committed twice (a replay) under a new seq.
+        bronze.rows.push(row("S", "cs_to_csms", 2, "2", 5));
+        assert_eq!(check_bronze(&bronze, &answered).duplicated.len(), 1);
+        assert_eq!(check_bronze(&bronze, &answered).txn_behind.len(), 1);
+        bronze.rows.pop();
+        // Two frames under one (node_id, wal_seq).
+        bronze.rows.push(row("S", "cs_to_csms", 2, "3", 4));
+        assert_eq!(
+            check_bronze(&bronze, &answered).duplicate_seq,
+            vec![("n".to_string(), 4)]
+        );
+    }
 }

@@ -11,5 +11,6 @@ mod durability;
 mod limits;
 mod policies;
 mod python_clients;
+mod routing;
 mod tls;
 mod upgrade;

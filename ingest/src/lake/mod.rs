@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use deltalake::arrow::array::{
     ArrayRef, Date32Array, Int8Array, Int64Array, StringArray, TimestampMicrosecondArray,
 };
-use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::StructType;
@@ -49,7 +48,7 @@ use url::Url;
 use crate::wal::{self, SegmentInfo, WalError, WalHandle, WalRecord};
 
 /// The bronze table's path under the lake root.
-pub const BRONZE_TABLE: &str = "bronze/ocpp_messages";
+pub use schemas::tables::BRONZE_OCPP_MESSAGES as BRONZE_TABLE;
 
 /// Lake writer and maintenance settings.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -114,33 +113,8 @@ pub struct VacuumSummary {
     pub files_deleted: usize,
 }
 
-/// The columns of `bronze.ocpp_messages` (shared/DESIGN.md), in order.
-///
-/// `wal_seq` is `Int64`, not `UInt64`: Delta has no unsigned types (delta-rs
-/// would store it as `long` and read it back as `Int64` anyway). WAL seqs stay
-/// far below `i64::MAX`. `message_type` is `Int8` (Delta `byte`).
-pub fn bronze_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new(
-            "received_at",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-        Field::new("date", DataType::Date32, false),
-        Field::new("node_id", DataType::Utf8, false),
-        Field::new("wal_seq", DataType::Int64, false),
-        Field::new("station_id", DataType::Utf8, false),
-        Field::new("ocpp_version", DataType::Utf8, false),
-        Field::new("direction", DataType::Utf8, false),
-        Field::new("message_type", DataType::Int8, false),
-        Field::new("message_id", DataType::Utf8, false),
-        Field::new("action", DataType::Utf8, true),
-        Field::new("payload", DataType::Utf8, true),
-        Field::new("error_code", DataType::Utf8, true),
-        Field::new("error_description", DataType::Utf8, true),
-        Field::new("raw", DataType::Utf8, false),
-    ]))
-}
+/// The bronze schema, defined once in `schemas::tables`.
+pub use schemas::tables::bronze_schema;
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 

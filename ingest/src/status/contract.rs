@@ -33,9 +33,9 @@ impl RedisServer {
     /// cross-slot scripts, and the client goes through cluster routing.
     fn start_cluster() -> Self {
         let s = Self::start_with(true);
-        let client = redis::Client::open(s.url()).unwrap();
+        let client = ::redis::Client::open(s.url()).unwrap();
         let mut c = client.get_connection().unwrap();
-        let _: () = redis::cmd("CLUSTER")
+        let _: () = ::redis::cmd("CLUSTER")
             .arg("ADDSLOTSRANGE")
             .arg(0)
             .arg(16383)
@@ -43,7 +43,7 @@ impl RedisServer {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
+            let info: String = ::redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
             if info.contains("cluster_state:ok") {
                 break;
             }
@@ -102,15 +102,18 @@ impl RedisServer {
         self.spawn();
     }
 
-    fn raw(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+    fn raw(&self) -> ::redis::Connection {
+        ::redis::Client::open(self.url())
             .unwrap()
             .get_connection()
             .unwrap()
     }
 
     fn keys(&self) -> Vec<String> {
-        redis::cmd("KEYS").arg("*").query(&mut self.raw()).unwrap()
+        ::redis::cmd("KEYS")
+            .arg("*")
+            .query(&mut self.raw())
+            .unwrap()
     }
 }
 
@@ -476,7 +479,7 @@ async fn redis_presence_expires_unless_refreshed() {
     let observer = StatusStore::redis(&server.url(), config).await.unwrap();
     a.connected("TTL", "node-a", "1.6", Utc::now());
     assert!(a.flush(FLUSH).await);
-    let ttl: i64 = redis::cmd("PTTL")
+    let ttl: i64 = ::redis::cmd("PTTL")
         .arg("t:{TTL}:presence")
         .query(&mut server.raw())
         .unwrap();

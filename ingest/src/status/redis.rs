@@ -292,6 +292,9 @@ impl Conn {
     /// come back per command; connection errors fail the whole call.
     async fn run(&self, groups: Vec<Vec<Cmd>>) -> RedisResult<Vec<Vec<RValue>>> {
         match self {
+            Conn::Single(_) if groups.iter().all(Vec::is_empty) => {
+                Ok(groups.iter().map(|_| Vec::new()).collect())
+            }
             Conn::Single(c) => {
                 let mut pipe = Pipeline::with_capacity(groups.iter().map(Vec::len).sum());
                 pipe.ignore_errors();
@@ -797,8 +800,9 @@ impl Inner {
         cmd
     }
 
-    /// Applies a batch. Err means a connection failure: nothing can be
-    /// assumed applied and the batch must be retried.
+    /// Applies a batch. Err means a connection failure or a transient server
+    /// state: nothing can be assumed applied and the batch must be retried
+    /// (every operation is idempotent).
     async fn apply(&self, batch: &Batch) -> RedisResult<()> {
         let mut todo: Vec<usize> = (0..batch.len()).collect();
         let mut eval = false;
@@ -827,6 +831,7 @@ impl Inner {
             order.push(Vec::new());
             let results = self.conn.run(groups).await?;
             let mut noscript = Vec::new();
+            let mut transient = None;
             for (idx, values) in order.iter().zip(results) {
                 for (n, v) in values.into_iter().enumerate() {
                     let RValue::ServerError(e) = v else {
@@ -834,6 +839,18 @@ impl Inner {
                     };
                     match (idx.get(n), e.kind()) {
                         (Some(&i), Some(ServerErrorKind::NoScript)) if !eval => noscript.push(i),
+                        // Loading, failover, busy script: retry the batch later.
+                        (
+                            _,
+                            Some(
+                                ServerErrorKind::BusyLoading
+                                | ServerErrorKind::TryAgain
+                                | ServerErrorKind::ClusterDown
+                                | ServerErrorKind::MasterDown
+                                | ServerErrorKind::ReadOnly,
+                            ),
+                        ) => transient = Some(e),
+                        _ if e.code() == "BUSY" => transient = Some(e),
                         (which, _) => {
                             // A server-side refusal (OOM, wrong type...):
                             // retrying would not help; report and drop.
@@ -846,6 +863,9 @@ impl Inner {
                         }
                     }
                 }
+            }
+            if let Some(e) = transient {
+                return Err(e.into());
             }
             counter!("csms_status_redis_writes_total")
                 .increment((todo.len() - noscript.len()) as u64);
@@ -874,7 +894,7 @@ impl Inner {
             counter!("csms_status_redis_outages_total").increment(1);
             tracing::warn!(
                 error = error.map(|e| e.to_string()).unwrap_or_default(),
-                "status store: Redis is unreachable; queueing updates (latest per key)"
+                "status store: Redis is unavailable; queueing updates (latest per key)"
             );
         }
     }

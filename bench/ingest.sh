@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Runs one ingest benchmark end to end on this machine, over loopback only:
+# builds csms, starts `csms serve` with a throw-away data directory, runs the
+# load generator against it, prints its table, stops the server.
+#
+#   bench/ingest.sh [--debug] [--no-build] [--stations N] [--mode MODE]
+#                   [--duration SECS] [--processes P] [-- extra loadgen args]
+#
+# MODE is sustained (default, with --rate), saturation, storm or schedule.
+# Examples:
+#   bench/ingest.sh --debug --stations 2000 --mode saturation --duration 20
+#   bench/ingest.sh --stations 20000 --processes 2 --mode sustained -- --rate 5000
+#
+# NOTE: a cold release build takes about an HOUR on a 2-core box (deltalake
+# and DataFusion). Use --debug for a quick look (figures are then debug-build
+# figures, far below release) or --no-build to reuse an existing binary.
+set -euo pipefail
+
+PROFILE=release
+BUILD=1
+STATIONS=1000
+MODE=sustained
+DURATION=30
+PROCESSES=
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --debug) PROFILE=debug ;;
+    --no-build) BUILD=0 ;;
+    --stations) STATIONS=$2; shift ;;
+    --mode) MODE=$2; shift ;;
+    --duration) DURATION=$2; shift ;;
+    --processes) PROCESSES=$2; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# Bounded on purpose: this is a benchmark of one box, not a stress tool.
+if [ "$STATIONS" -lt 1 ] || [ "$STATIONS" -gt 100000 ]; then
+  echo "--stations must be within 1..100000" >&2; exit 2
+fi
+if [ "$DURATION" -lt 1 ] || [ "$DURATION" -gt 600 ]; then
+  echo "--duration must be within 1..600 seconds" >&2; exit 2
+fi
+# One process may hold about 20,000 descriptors here (ulimit -n).
+if [ -z "$PROCESSES" ]; then PROCESSES=$(( (STATIONS + 17999) / 18000 )); fi
+# One source address has about 28,000 ephemeral ports.
+SOURCE_IPS=$(( (STATIONS + 19999) / 20000 + 1 ))
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/csms-target}
+BIN_DIR="$CARGO_TARGET_DIR/$PROFILE"
+CARGO_FLAGS=()
+[ "$PROFILE" = release ] && CARGO_FLAGS=(--release)
+
+if [ "$BUILD" = 1 ]; then
+  if [ "$PROFILE" = release ] && [ ! -x "$BIN_DIR/csms" ]; then
+    echo "building csms (release): a cold release build takes about an hour here; --debug is minutes" >&2
+  fi
+  (cd "$ROOT" && cargo build "${CARGO_FLAGS[@]}" -p csms)
+fi
+CSMS="$BIN_DIR/csms"
+[ -x "$CSMS" ] || { echo "no $CSMS: build it or drop --no-build" >&2; exit 1; }
+
+# `csms loadgen` once the CLI has it, else the crate's own runner.
+if "$CSMS" loadgen --help >/dev/null 2>&1; then
+  LOADGEN=("$CSMS" loadgen)
+else
+  [ "$BUILD" = 1 ] && (cd "$ROOT" && cargo build "${CARGO_FLAGS[@]}" -p loadgen --bin loadgen-dev)
+  LOADGEN=("$BIN_DIR/loadgen-dev")
+  [ -x "${LOADGEN[0]}" ] || { echo "no loadgen binary at ${LOADGEN[0]}" >&2; exit 1; }
+fi
+
+WORK=$(mktemp -d -t csms-bench-XXXXXX)
+SERVER_PID=
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -INT "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+OCPP_PORT=$(free_port); HTTP_PORT=$(free_port); PG_PORT=$(free_port)
+
+# Limits raised for a load test: no per-station message rate, no per-address
+# upgrade rate (every simulated station shares a few source addresses).
+env -u REDIS_URL \
+  CSMS_OCPP_ADDR=127.0.0.1:$OCPP_PORT CSMS_HTTP_ADDR=127.0.0.1:$HTTP_PORT \
+  CSMS_PG_ADDR=127.0.0.1:$PG_PORT CSMS_DATA_DIR="$WORK/data" \
+  CSMS_ALLOW_UNKNOWN=true \
+  CSMS_LIMITS__MESSAGES_PER_STATION_PER_SEC=0 \
+  CSMS_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
+  CSMS_LIMITS__MAX_CONNECTIONS=200000 \
+  RUST_LOG=${RUST_LOG:-warn} \
+  "$CSMS" serve >"$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+
+for _ in $(seq 1 600); do
+  if curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1; then break; fi
+  kill -0 "$SERVER_PID" 2>/dev/null || { echo "csms serve exited:" >&2; tail -40 "$WORK/server.log" >&2; exit 1; }
+  sleep 0.1
+done
+
+echo "csms $PROFILE build, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
+# Hard time bound: connect phase + run + slack.
+timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
+  --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \
+  --stations "$STATIONS" --mode "$MODE" --duration-secs "$DURATION" \
+  --processes "$PROCESSES" --source-ips "$SOURCE_IPS" \
+  --server-pid "$SERVER_PID" "${EXTRA[@]}"
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+  echo "csms serve died during the run:" >&2; tail -40 "$WORK/server.log" >&2; exit 1
+fi
