@@ -36,6 +36,8 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod status;
+#[cfg(test)]
+mod test_redis;
 pub mod tls;
 pub mod txid;
 pub mod wal;

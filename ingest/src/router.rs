@@ -591,87 +591,13 @@ async fn serve_request(shared: Arc<Shared>, req: CommandRequest) {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::TcpListener,
-        process::{Child, Command, Stdio},
-        sync::atomic::{AtomicUsize, Ordering},
-    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use futures_util::FutureExt;
     use serde_json::json;
 
     use super::*;
-
-    /// A throwaway redis-server on a free port; killed on drop.
-    struct RedisServer {
-        child: Child,
-        port: u16,
-        dir: tempfile::TempDir,
-    }
-
-    impl RedisServer {
-        async fn start() -> Self {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let dir = tempfile::tempdir().unwrap();
-            let child = Self::spawn(port, &dir);
-            let s = RedisServer { child, port, dir };
-            s.wait_up().await;
-            s
-        }
-
-        fn spawn(port: u16, dir: &tempfile::TempDir) -> Child {
-            Command::new("/usr/bin/redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn /usr/bin/redis-server")
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        async fn wait_up(&self) {
-            let client = redis::Client::open(self.url()).unwrap();
-            for _ in 0..100 {
-                if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                    && redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok()
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("redis-server on port {} did not come up", self.port);
-        }
-
-        fn stop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-
-        async fn restart(&mut self) {
-            self.stop();
-            self.child = Self::spawn(self.port, &self.dir);
-            self.wait_up().await;
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            self.stop();
-        }
-    }
+    use crate::test_redis::RedisServer;
 
     /// An execute closure that answers with the node's name and what it got,
     /// counting its runs; special actions sleep or fail.
@@ -730,7 +656,7 @@ mod tests {
 
     #[tokio::test]
     async fn command_reaches_the_holding_node_and_its_answer_comes_back() {
-        let redis = RedisServer::start().await;
+        let redis = RedisServer::start();
         let p = pair(&redis).await;
         let payload = json!({"connectorId": 1, "idTag": "TAG1"});
         let got =
@@ -783,7 +709,7 @@ mod tests {
 
     #[tokio::test]
     async fn remote_errors_and_failures_come_back_intact() {
-        let redis = RedisServer::start().await;
+        let redis = RedisServer::start();
         let p = pair(&redis).await;
         let b = Some("B".to_string());
         assert_eq!(
@@ -809,7 +735,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_holder_times_out_and_forgets_the_waiter() {
-        let redis = RedisServer::start().await;
+        let redis = RedisServer::start();
         let p = pair(&redis).await;
         let started = Instant::now();
         let timeout = Duration::from_millis(300);
@@ -828,7 +754,7 @@ mod tests {
 
     #[tokio::test]
     async fn holder_without_a_subscriber_is_not_connected() {
-        let redis = RedisServer::start().await;
+        let redis = RedisServer::start();
         let p = pair(&redis).await;
         let got =
             p.a.call(Some("C".into()), "CP1", "Reset", json!({}), T)
@@ -855,7 +781,7 @@ mod tests {
 
     #[tokio::test]
     async fn own_or_unknown_holder_runs_locally() {
-        let redis = RedisServer::start().await;
+        let redis = RedisServer::start();
         let p = pair(&redis).await;
         for holder in [Some("A".to_string()), None] {
             let got = p.a.call(holder, "CP1", "Reset", json!({}), T).await;
@@ -896,7 +822,7 @@ mod tests {
 
     #[tokio::test]
     async fn route_uses_the_presence_lookup() {
-        let redis = RedisServer::start().await;
+        let redis = RedisServer::start();
         let p = pair(&redis).await;
         let lookup = |station: String| -> BoxFuture<'static, Option<String>> {
             async move { (station == "on-b").then(|| "B".to_string()) }.boxed()
@@ -915,7 +841,7 @@ mod tests {
 
     #[tokio::test]
     async fn survives_a_redis_restart() {
-        let mut redis = RedisServer::start().await;
+        let mut redis = RedisServer::start();
         let p = pair(&redis).await;
         let b = Some("B".to_string());
         assert!(
@@ -923,7 +849,7 @@ mod tests {
                 .await
                 .is_ok()
         );
-        redis.restart().await;
+        redis.restart();
         // Both nodes resubscribe (backoff starts at 100 ms); until then the
         // calls fail cleanly instead of hanging.
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -119,7 +119,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let conn = redis::aio::ConnectionManager::new(client)
                 .await
                 .map_err(|e| component("redis")(&e))?;
-            TxIdAllocator::Redis(conn)
+            TxIdAllocator::Redis(Arc::new(crate::txid::RedisAllocator::new(conn)))
         }
         None => TxIdAllocator::File(Arc::new(
             FileAllocator::open(&config.data_dir).map_err(|e| component("transaction ids")(&e))?,

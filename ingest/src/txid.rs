@@ -1,7 +1,9 @@
 //! OCPP 1.6 transaction ids: the CSMS assigns them, as positive 32-bit
 //! integers, and they must never repeat: not after a restart, and not across
-//! nodes. With Redis every node draws from one `INCR` counter; alone, a node
-//! reserves blocks of ids in a file it fsyncs before handing any out.
+//! nodes. Either way a node reserves a block of ids at a time: from one
+//! Redis counter shared by every node (`INCRBY`), or alone from a file it
+//! fsyncs before handing any out. Blocks keep Redis off the answer path for
+//! all but one StartTransaction in [`BLOCK`].
 
 use std::{
     io::Write,
@@ -28,7 +30,7 @@ pub enum TxIdError {
 #[derive(Clone)]
 pub enum TxIdAllocator {
     File(Arc<FileAllocator>),
-    Redis(redis::aio::ConnectionManager),
+    Redis(Arc<RedisAllocator>),
 }
 
 impl TxIdAllocator {
@@ -41,15 +43,43 @@ impl TxIdAllocator {
                     .await
                     .expect("txid task does not panic")
             }
-            TxIdAllocator::Redis(conn) => {
-                let mut conn = conn.clone();
-                let id: i64 = redis::cmd("INCR")
-                    .arg("csms:txid")
-                    .query_async(&mut conn)
-                    .await?;
-                i32::try_from(id).map_err(|_| TxIdError::Exhausted)
-            }
+            TxIdAllocator::Redis(r) => r.next().await,
         }
+    }
+}
+
+/// Block-reserving allocator backed by a Redis counter: the counter holds the
+/// highest id reserved by any node.
+pub struct RedisAllocator {
+    conn: redis::aio::ConnectionManager,
+    state: tokio::sync::Mutex<(i64, i64)>, // (next id, end of reserved block, exclusive)
+}
+
+impl RedisAllocator {
+    pub fn new(conn: redis::aio::ConnectionManager) -> Self {
+        RedisAllocator {
+            conn,
+            state: tokio::sync::Mutex::new((0, 0)),
+        }
+    }
+
+    pub async fn next(&self) -> Result<i32, TxIdError> {
+        let mut st = self.state.lock().await;
+        if st.0 >= st.1 {
+            let mut conn = self.conn.clone();
+            let high: i64 = redis::cmd("INCRBY")
+                .arg("csms:txid")
+                .arg(BLOCK)
+                .query_async(&mut conn)
+                .await?;
+            if high > i64::from(i32::MAX) {
+                return Err(TxIdError::Exhausted);
+            }
+            *st = (high - BLOCK + 1, high + 1);
+        }
+        let id = st.0;
+        st.0 += 1;
+        Ok(id as i32)
     }
 }
 
@@ -60,7 +90,8 @@ pub struct FileAllocator {
     state: Mutex<(i64, i64)>, // (next id, end of reserved block, exclusive)
 }
 
-const BLOCK: i64 = 1000;
+/// Ids reserved at a time.
+pub const BLOCK: i64 = 100;
 
 impl FileAllocator {
     pub fn open(data_dir: &Path) -> Result<Self, TxIdError> {
@@ -121,5 +152,33 @@ mod tests {
         let b = FileAllocator::open(dir.path()).unwrap();
         let next = b.next().unwrap();
         assert!(next > *first.last().unwrap(), "{next}");
+    }
+}
+
+#[cfg(test)]
+mod redis_tests {
+    use super::*;
+    use crate::test_redis::RedisServer;
+
+    /// Two nodes drawing from one Redis never hand out the same id.
+    #[tokio::test]
+    async fn nodes_sharing_redis_never_collide() {
+        let server = RedisServer::start();
+        let conn = || async {
+            let client = redis::Client::open(server.url()).unwrap();
+            redis::aio::ConnectionManager::new(client).await.unwrap()
+        };
+        let a = RedisAllocator::new(conn().await);
+        let b = RedisAllocator::new(conn().await);
+        let mut ids = Vec::new();
+        for _ in 0..250 {
+            ids.push(a.next().await.unwrap());
+            ids.push(b.next().await.unwrap());
+        }
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "duplicate transaction ids");
+        assert!(ids[0] > 0);
     }
 }
