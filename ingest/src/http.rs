@@ -45,6 +45,12 @@ fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
 }
 
 pub fn router(state: ApiState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// The API plus `extra_api`: routes other crates serve under `/api` (SQL),
+/// already given their own state, behind the same admin-token check.
+pub fn router_with(state: ApiState, extra_api: Router) -> Router {
     let api = Router::new()
         .route("/stations", get(list_stations).post(add_station))
         .route("/stations/{id}", get(get_station).delete(remove_station))
@@ -55,13 +61,15 @@ pub fn router(state: ApiState) -> Router {
             "/openapi.json",
             get(|| async { Json(crate::openapi::document()) }),
         )
+        .with_state(state.clone())
+        .merge(extra_api)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .nest("/api", api)
         .with_state(state)
+        .nest("/api", api)
 }
 
 async fn require_admin(

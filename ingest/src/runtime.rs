@@ -80,6 +80,15 @@ impl Running {
 /// Opens everything and starts serving. Nothing is accepted until the WAL and
 /// the lake position are known, so no answer can precede durability.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, |_| axum::Router::new()).await
+}
+
+/// [`start`], with extra routes under `/api` built from the started node
+/// (the root CLI adds SQL this way, so ingest never depends on query).
+pub async fn start_with(
+    config: Config,
+    extra_api: impl FnOnce(&Arc<Node>) -> axum::Router,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ConfigError::Io {
         path: config.data_dir.clone(),
@@ -215,12 +224,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .map_err(|e| component("command router")(&e))?,
         None => crate::router::CommandRouter::local(node_id.clone(), execute),
     };
-    let app = http::router(ApiState {
-        router,
-        node: node.clone(),
-        admin_token: admin_token.into(),
-        metrics,
-    });
+    let extra = extra_api(&node);
+    let app = http::router_with(
+        ApiState {
+            router,
+            node: node.clone(),
+            admin_token: admin_token.into(),
+            metrics,
+        },
+        extra,
+    );
     let http_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(http_listener, app)
