@@ -30,8 +30,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything in one process: OCPP ingest, lake writer, HTTP API.
-    Serve,
+    /// Run everything: OCPP ingest, lake writer, HTTP API.
+    Serve {
+        /// Run N worker processes sharing the ports (SO_REUSEPORT), each a node
+        /// with its own WAL; needs REDIS_URL so they share status and commands.
+        #[arg(long, value_name = "N")]
+        workers: Option<u32>,
+    },
     /// Run only the OCPP ingest node (WAL, lake writer, HTTP API).
     Ingest,
     /// Register stations and their Basic-auth passwords.
@@ -180,11 +185,18 @@ async fn run(
     pipeline_cfg: pipeline::PipelineConfig,
 ) -> Result<()> {
     match command {
-        Command::Serve | Command::Ingest => {
+        Command::Serve { workers: Some(n) } if n > 1 => run_workers(n, &config).await,
+        Command::Serve { .. } | Command::Ingest => {
             let running = ingest::runtime::start(config).await?;
             let shutdown = running.shutdown.clone();
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
                 tracing::info!("shutting down: flushing the lake writer");
                 shutdown.cancel();
             });
@@ -387,5 +399,78 @@ async fn run_pipeline(
     let summary = pipeline::run(&url, &pipeline, &opts, &progress).await?;
     bar.finish_and_clear();
     println!("{summary}");
+    Ok(())
+}
+
+/// `csms serve --workers N`: N copies of this command, each a node with its own
+/// WAL and node id, sharing the ports, the data directory and Redis. A worker
+/// that dies is restarted; SIGINT/SIGTERM stop them all gracefully.
+async fn run_workers(n: u32, config: &Config) -> Result<()> {
+    if config.redis_url.is_none() {
+        bail!(
+            "--workers needs REDIS_URL: workers share live status, command routing and 1.6 transaction ids through Redis"
+        );
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let base = config.node_id()?;
+    let exe = std::env::current_exe().context("locating the csms executable")?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        match a.to_str() {
+            Some("--workers") => skip = true,
+            Some(s) if s.starts_with("--workers=") => {}
+            _ => args.push(a),
+        }
+    }
+    let spawn = |i: u32| {
+        tokio::process::Command::new(&exe)
+            .args(&args)
+            .env("CSMS_WORKER_INDEX", i.to_string())
+            .env("CSMS_NODE_ID", format!("{base}-w{i}"))
+            .spawn()
+            .with_context(|| format!("starting worker {i}"))
+    };
+    let mut children = Vec::new();
+    for i in 0..n {
+        children.push(spawn(i)?);
+    }
+    tracing::info!(workers = n, node = %base, "workers started");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let exited = {
+            let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => None,
+                _ = term.recv() => None,
+                (status, i, _) = futures_util::future::select_all(waits) => Some((status, i)),
+            }
+        };
+        let Some((status, i)) = exited else { break };
+        tracing::warn!(worker = i, ?status, "worker exited; restarting it in 1 s");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        children[i] = spawn(i as u32)?;
+    }
+    // Ask each worker to flush and stop; SIGKILL only after a grace period.
+    for c in &children {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for c in &mut children {
+        if tokio::time::timeout(std::time::Duration::from_secs(30), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
     Ok(())
 }

@@ -100,6 +100,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Accept stations that are not registered, without authentication.
     pub allow_unknown: bool,
+    /// Set by `csms serve --workers N` in each worker process (0..N).
+    pub worker_index: Option<u32>,
     pub ocpp: OcppConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
@@ -123,6 +125,7 @@ impl Default for Config {
             smtp_url: None,
             admin_token: None,
             allow_unknown: false,
+            worker_index: None,
             ocpp: OcppConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -211,8 +214,13 @@ impl Config {
             .collect()
     }
 
+    /// Each node has its own WAL; workers of one machine share the data
+    /// directory (registries, lake) but not their logs.
     pub fn wal_dir(&self) -> PathBuf {
-        self.data_dir.join("wal")
+        match self.worker_index {
+            Some(i) => self.data_dir.join(format!("wal-w{i}")),
+            None => self.data_dir.join("wal"),
+        }
     }
 
     /// The lake root: `lake_url`, or `$data_dir/lake` as an absolute path.
@@ -286,6 +294,8 @@ pub fn layered_table(
                 ConfigError::Invalid(format!("{key}={value:?}: expected true or false"))
             })?;
             set_path(&mut table, &[field], toml::Value::Boolean(b));
+        } else if key == "CSMS_WORKER_INDEX" {
+            set_path(&mut table, &["worker_index"], scalar(&value));
         } else if let Some(rest) = key.strip_prefix("CSMS_")
             && let Some((section, field)) = rest.split_once("__")
         {

@@ -164,10 +164,9 @@ pub async fn start_with(
 
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
+    let reuse_port = config.worker_index.is_some();
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
+        bind_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })
     };
 
     let ocpp = bind("OCPP", config.ocpp_addr).await?;
@@ -266,6 +265,22 @@ pub async fn start_with(
         lake_task,
         _wal: wal,
     })
+}
+
+/// A listening socket; workers of one `csms serve --workers N` share their
+/// ports through SO_REUSEPORT, so the kernel spreads connections over them.
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // A deep backlog absorbs the reconnect storm after an outage.
+    socket.listen(8192)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// The admin token: configured, or generated once into `$data_dir/admin_token`

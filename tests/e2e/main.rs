@@ -14,3 +14,4 @@ mod python_clients;
 mod routing;
 mod tls;
 mod upgrade;
+mod workers;

@@ -10,61 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tests::{HttpResponse, OcppClient, csms_bin, free_ports, http_request, poll, tail_file};
+use tests::{
+    HttpResponse, OcppClient, RedisServer, csms_bin, free_ports, http_request, poll, tail_file,
+};
 
 const TOKEN: &str = "secret";
 const STATION: &str = "CP-ROUTE-1";
-
-/// A throwaway redis-server on a free port, without persistence; killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    async fn start() -> Result<Self> {
-        let port = free_ports(1)[0];
-        let dir = tempfile::tempdir()?;
-        let child = Command::new("/usr/bin/redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning /usr/bin/redis-server")?;
-        let server = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
-        poll(
-            Duration::from_secs(10),
-            "redis-server accepting",
-            || async {
-                Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ()))
-            },
-        )
-        .await?;
-        Ok(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One `csms ingest` process with its own ports and data directory; killed
 /// on drop (its log tail printed if the test is failing).

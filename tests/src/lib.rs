@@ -1101,6 +1101,57 @@ where
     }
 }
 
+/// A throwaway redis-server on a free port, without persistence; killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> Result<Self> {
+        let port = free_ports(1)[0];
+        let dir = tempfile::tempdir()?;
+        let child = Command::new("/usr/bin/redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning /usr/bin/redis-server")?;
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        poll(
+            Duration::from_secs(10),
+            "redis-server accepting",
+            || async {
+                Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ()))
+            },
+        )
+        .await?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
