@@ -4,7 +4,10 @@
 # load generator against it, prints its table, stops the server.
 #
 #   bench/ingest.sh [--debug] [--no-build] [--stations N] [--mode MODE]
-#                   [--duration SECS] [--processes P] [-- extra loadgen args]
+#                   [--duration SECS] [--processes P] [--workers W]
+#                   [-- extra loadgen args]
+# --workers W runs `csms serve --workers W` with a throw-away redis-server
+# (RSS per connection is then reported for the supervising process only).
 #
 # MODE is sustained (default, with --rate), saturation, storm or schedule.
 # Examples:
@@ -22,6 +25,7 @@ STATIONS=1000
 MODE=sustained
 DURATION=30
 PROCESSES=
+WORKERS=1
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,6 +35,7 @@ while [ $# -gt 0 ]; do
     --mode) MODE=$2; shift ;;
     --duration) DURATION=$2; shift ;;
     --processes) PROCESSES=$2; shift ;;
+    --workers) WORKERS=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -82,6 +87,7 @@ cleanup() {
     for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$SERVER_PID" 2>/dev/null || true
   fi
+  [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -89,9 +95,21 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 OCPP_PORT=$(free_port); HTTP_PORT=$(free_port); PG_PORT=$(free_port)
 
+# Several server workers (SO_REUSEPORT) share status through a throw-away
+# redis-server; one process alone is capped near 19,800 sockets here.
+SERVE_ARGS=(serve)
+REDIS_ENV=(-u REDIS_URL)
+if [ "$WORKERS" -gt 1 ]; then
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
+  REDIS_ENV=(REDIS_URL=redis://127.0.0.1:$REDIS_PORT)
+  SERVE_ARGS=(serve --workers "$WORKERS")
+fi
+
 # Limits raised for a load test: no per-station message rate, no per-address
 # upgrade rate (every simulated station shares a few source addresses).
-env -u REDIS_URL \
+env "${REDIS_ENV[@]}" \
   CSMS_OCPP_ADDR=127.0.0.1:$OCPP_PORT CSMS_HTTP_ADDR=127.0.0.1:$HTTP_PORT \
   CSMS_PG_ADDR=127.0.0.1:$PG_PORT CSMS_DATA_DIR="$WORK/data" \
   CSMS_ALLOW_UNKNOWN=true \
@@ -99,7 +117,7 @@ env -u REDIS_URL \
   CSMS_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
   CSMS_LIMITS__MAX_CONNECTIONS=200000 \
   RUST_LOG=${RUST_LOG:-warn} \
-  "$CSMS" serve >"$WORK/server.log" 2>&1 &
+  "$CSMS" "${SERVE_ARGS[@]}" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 
 for _ in $(seq 1 600); do
@@ -108,7 +126,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 
-echo "csms $PROFILE build, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
+echo "csms $PROFILE build, $WORKERS server worker(s), $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
 # Hard time bound: connect phase + run + slack.
 timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \

@@ -330,9 +330,29 @@ fn fd_limit() -> Option<u64> {
 }
 
 /// Resident set size of a process in KiB (VmRSS of /proc/PID/status).
+/// Resident memory of `pid` and all its descendants (a `csms serve
+/// --workers N` supervisor and its workers), in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_rss(&text)
+    let own = parse_vm_rss(&text)?;
+    let children: u64 = child_pids(pid).into_iter().filter_map(rss_kib).sum();
+    Some(own + children)
+}
+
+/// Direct children of `pid`, from every thread's `children` list.
+fn child_pids(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 fn parse_vm_rss(status: &str) -> Option<u64> {
