@@ -35,7 +35,7 @@ pub const DAILY_APP_ID: &str = "pipeline-gold-daily_faults";
 pub const RANKING_APP_ID: &str = "pipeline-gold-fault_ranking";
 
 /// What part of a table a run recomputes.
-enum Scope {
+pub(crate) enum Scope {
     /// Everything (first run, or the source log is gone).
     All,
     /// These source partitions (values of the source's partition column).
@@ -45,7 +45,7 @@ enum Scope {
 }
 
 /// Decides the scope from the recorded progress; `None` = up to date.
-async fn scope(
+pub(crate) async fn scope(
     source: &deltalake::DeltaTable,
     source_loc: &str,
     source_version: u64,
@@ -78,7 +78,7 @@ async fn scope(
     }
 }
 
-fn parse_days(parts: &BTreeSet<String>) -> BTreeSet<i32> {
+pub(crate) fn parse_days(parts: &BTreeSet<String>) -> BTreeSet<i32> {
     parts
         .iter()
         .filter_map(|p| NaiveDate::parse_from_str(p, "%Y-%m-%d").ok())
@@ -86,7 +86,7 @@ fn parse_days(parts: &BTreeSet<String>) -> BTreeSet<i32> {
         .collect()
 }
 
-fn date_lit(d: NaiveDate) -> Expr {
+pub(crate) fn date_lit(d: NaiveDate) -> Expr {
     lit(ScalarValue::Date32(Some(days_of_date(d))))
 }
 
@@ -103,7 +103,7 @@ fn next_month(d: NaiveDate) -> NaiveDate {
     NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(d)
 }
 
-fn first_i64(batches: &[RecordBatch]) -> u64 {
+pub(crate) fn first_i64(batches: &[RecordBatch]) -> u64 {
     batches
         .first()
         .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().cloned())
@@ -112,7 +112,7 @@ fn first_i64(batches: &[RecordBatch]) -> u64 {
         .unwrap_or(0)
 }
 
-fn empty(name: &str) -> TableSummary {
+pub(crate) fn empty(name: &str) -> TableSummary {
     TableSummary {
         name: name.into(),
         rows_in: 0,
@@ -169,9 +169,7 @@ pub async fn daily_faults(
         Scope::Partitions(parts) => {
             let days = parse_days(parts);
             if days.is_empty() {
-                if let Some((app, version)) = txn {
-                    lake::record_progress(daily, &loc, &schema, "date", app, version).await?;
-                }
+                lake::record_progress(daily, &loc, &schema, "date", txn.as_slice()).await?;
                 summary.seconds = started.elapsed().as_secs_f64();
                 return Ok(summary);
             }
@@ -214,12 +212,22 @@ pub async fn daily_faults(
         Some(n) => n as u64,
         None => distinct_dates(&batches),
     };
-    lake::replace_where(ctx, daily, &loc, &schema, "date", batches, predicate, txn).await?;
+    lake::replace_where(
+        ctx,
+        daily,
+        &loc,
+        &schema,
+        "date",
+        batches,
+        predicate,
+        txn.as_slice(),
+    )
+    .await?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-fn distinct_dates(batches: &[RecordBatch]) -> u64 {
+pub(crate) fn distinct_dates(batches: &[RecordBatch]) -> u64 {
     let mut days = BTreeSet::new();
     for b in batches {
         if let Some(d) = b
@@ -295,9 +303,7 @@ pub async fn fault_ranking(
                 .map(|d| first_of_month(crate::silver::date_of_days(d)))
                 .collect();
             if months.is_empty() {
-                if let Some((app, version)) = txn {
-                    lake::record_progress(ranking, &loc, &schema, "month", app, version).await?;
-                }
+                lake::record_progress(ranking, &loc, &schema, "month", txn.as_slice()).await?;
                 summary.seconds = started.elapsed().as_secs_f64();
                 return Ok(summary);
             }
@@ -371,7 +377,14 @@ pub async fn fault_ranking(
         }
     };
     lake::replace_where(
-        ctx, ranking, &loc, &schema, "month", batches, predicate, txn,
+        ctx,
+        ranking,
+        &loc,
+        &schema,
+        "month",
+        batches,
+        predicate,
+        txn.as_slice(),
     )
     .await?;
     summary.seconds = started.elapsed().as_secs_f64();

@@ -316,7 +316,7 @@ pub(crate) fn conform(
 }
 
 /// Replaces the rows matching `predicate` (on the partition column) by
-/// `batches`, recording `txn` (app id, source version) in the same commit.
+/// `batches`, recording `txns` (app id, source version) in the same commit.
 // Each argument is a distinct part of the one write; a struct would only
 // rename them.
 #[allow(clippy::too_many_arguments)]
@@ -328,16 +328,17 @@ pub(crate) async fn replace_where(
     partition: &str,
     batches: Vec<RecordBatch>,
     predicate: Expr,
-    txn: Option<(&str, i64)>,
+    txns: &[(&str, i64)],
 ) -> Result<DeltaTable, PipelineError> {
     let mut batches = batches;
     if batches.is_empty() {
         batches.push(RecordBatch::new_empty(schema.clone()));
     }
-    let mut commit = CommitProperties::default();
-    if let Some((app_id, version)) = txn {
-        commit = commit.with_application_transaction(Transaction::new(app_id, version));
-    }
+    let commit = CommitProperties::default().with_application_transactions(
+        txns.iter()
+            .map(|(app_id, version)| Transaction::new(*app_id, *version))
+            .collect(),
+    );
     table
         .write(batches)
         .with_save_mode(SaveMode::Overwrite)
@@ -349,23 +350,29 @@ pub(crate) async fn replace_where(
         .map_err(delta_err(location))
 }
 
-/// Records `txn` alone (an empty append): the source advanced but nothing in
+/// Records `txns` alone (an empty append): the source advanced but nothing in
 /// this table changed, and the next run must not read those commits again.
+/// Without `txns` (a range reprocessing) it writes nothing.
 pub(crate) async fn record_progress(
     table: DeltaTable,
     location: &str,
     schema: &SchemaRef,
     partition: &str,
-    app_id: &str,
-    version: i64,
+    txns: &[(&str, i64)],
 ) -> Result<DeltaTable, PipelineError> {
+    if txns.is_empty() {
+        return Ok(table);
+    }
     table
         .write(vec![RecordBatch::new_empty(schema.clone())])
         .with_save_mode(SaveMode::Append)
         .with_partition_columns([partition])
         .with_commit_properties(
-            CommitProperties::default()
-                .with_application_transaction(Transaction::new(app_id, version)),
+            CommitProperties::default().with_application_transactions(
+                txns.iter()
+                    .map(|(app_id, version)| Transaction::new(*app_id, *version))
+                    .collect(),
+            ),
         )
         .await
         .map_err(delta_err(location))

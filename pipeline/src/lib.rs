@@ -1,8 +1,11 @@
 //! Bronze → silver → gold DataFusion jobs over the Delta lake (issue 5).
 //!
-//! This first slice builds the fault reports:
-//! `bronze.ocpp_messages` → `silver.status_events` → `gold.daily_faults` →
-//! `gold.fault_ranking` (table paths and schemas in [`schemas::tables`]).
+//! Two slices so far (table paths and schemas in [`schemas::tables`]):
+//! - faults: `bronze.ocpp_messages` → `silver.status_events` →
+//!   `gold.daily_faults` → `gold.fault_ranking`;
+//! - transactions: bronze → `silver.meter_values` and
+//!   `silver.transaction_events` → `silver.transactions` →
+//!   `gold.transactions_completed` → `gold.completed_transactions`.
 //!
 //! # Incremental and idempotent
 //! Each target table records, in a Delta application transaction committed
@@ -21,6 +24,12 @@
 //! - [`silver`]: `silver.status_events` from bronze through the
 //!   [`schemas::adapter`] version adapters (the same mapping ingest uses).
 //! - [`gold`]: `gold.daily_faults` and `gold.fault_ranking`.
+//! - [`meter`]: `silver.meter_values` and `silver.transaction_events`.
+//! - [`transactions`]: `silver.transactions` (the fold, energy and flags).
+//! - [`gold_tx`]: `gold.transactions_completed` and
+//!   `gold.completed_transactions`.
+//! - `incremental` (private): the bronze-source selection, scans and the
+//!   deduplicating merge the silver jobs share.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,11 +40,17 @@ use deltalake::DeltaTableError;
 use deltalake::datafusion::error::DataFusionError;
 
 pub mod gold;
+pub mod gold_tx;
+mod incremental;
 pub mod lake;
+pub mod meter;
 pub mod silver;
+pub mod transactions;
 
 #[cfg(test)]
 mod golden_tests;
+#[cfg(test)]
+mod golden_tx_tests;
 
 /// Pipeline settings (`[pipeline]` of `csms.toml`).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -223,6 +238,12 @@ pub async fn run(
         progress(ProgressEvent::StageStarted(Stage::Silver));
         progress(ProgressEvent::TableStarted(silver::TABLE.into()));
         done(silver::status_events(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(meter::METER_TABLE.into()));
+        done(meter::meter_values(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(meter::EVENTS_TABLE.into()));
+        done(meter::transaction_events(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(transactions::TABLE.into()));
+        done(transactions::transactions(&ctx, lake_url, config, opts).await?);
     }
     if matches!(opts.stage, Stage::Gold | Stage::All) {
         progress(ProgressEvent::StageStarted(Stage::Gold));
@@ -230,6 +251,10 @@ pub async fn run(
         done(gold::daily_faults(&ctx, lake_url, config, opts).await?);
         progress(ProgressEvent::TableStarted(gold::RANKING_TABLE.into()));
         done(gold::fault_ranking(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(gold_tx::DETAIL_TABLE.into()));
+        done(gold_tx::transactions_completed(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(gold_tx::DAILY_TABLE.into()));
+        done(gold_tx::completed_transactions(&ctx, lake_url, config, opts).await?);
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)

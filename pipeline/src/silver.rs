@@ -24,7 +24,7 @@
 //! consequence: a copy re-read with an *earlier* `received_at` than the kept
 //! one does not replace it (only `received_at` could differ).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,15 +33,15 @@ use deltalake::arrow::array::{
     Array, ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::{cast, filter_record_batch};
-use deltalake::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
-use deltalake::datafusion::datasource::MemTable;
+use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::datafusion::prelude::{Expr, SessionContext, col, lit};
 use deltalake::datafusion::scalar::ScalarValue;
-use futures_util::StreamExt;
 use schemas::tables::{BRONZE_OCPP_MESSAGES, SILVER_STATUS_EVENTS, status_events_schema};
 use schemas::{CoreEvent, OcppVersion, events_from_call};
 
+use crate::incremental::{
+    Dedup, MICROS_PER_DAY, bronze_source, merge_dedup, scan_bronze, strings, timestamps,
+};
 use crate::lake;
 use crate::{PipelineConfig, PipelineError, RunOptions, TableSummary};
 
@@ -50,7 +50,6 @@ pub const TABLE: &str = "silver.status_events";
 /// Application transaction id in silver: version = last bronze version read.
 pub const APP_ID: &str = "pipeline-silver-status_events";
 
-const MICROS_PER_DAY: i64 = 86_400_000_000;
 const EPOCH_DAYS_FROM_CE: i32 = 719_163;
 
 /// Days since 1970-01-01 (Arrow `Date32`) as a date.
@@ -115,10 +114,6 @@ struct Rows {
 }
 
 impl Rows {
-    fn len(&self) -> usize {
-        self.date.len()
-    }
-
     fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
         let ts = |v: Vec<i64>| -> ArrayRef {
             Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
@@ -145,18 +140,6 @@ impl Rows {
     }
 }
 
-fn strings(batch: &RecordBatch, name: &str) -> Result<StringArray, PipelineError> {
-    let column = batch
-        .column_by_name(name)
-        .ok_or_else(|| PipelineError::Arrow(format!("bronze scan lacks {name}")))?;
-    let column = cast(column, &DataType::Utf8).map_err(|e| PipelineError::Arrow(e.to_string()))?;
-    column
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .cloned()
-        .ok_or_else(|| PipelineError::Arrow(format!("{name} is not text")))
-}
-
 /// Decodes bronze CALL rows (station_id, ocpp_version, message_id, action,
 /// payload, received_at) into status change rows.
 fn decode(batch: &RecordBatch, rows: &mut Rows) -> Result<(), PipelineError> {
@@ -165,18 +148,7 @@ fn decode(batch: &RecordBatch, rows: &mut Rows) -> Result<(), PipelineError> {
     let message_id = strings(batch, "message_id")?;
     let action = strings(batch, "action")?;
     let payload = strings(batch, "payload")?;
-    let received = batch
-        .column_by_name("received_at")
-        .ok_or_else(|| PipelineError::Arrow("bronze scan lacks received_at".into()))?;
-    let received = cast(
-        received,
-        &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-    )
-    .map_err(|e| PipelineError::Arrow(e.to_string()))?;
-    let received = received
-        .as_any()
-        .downcast_ref::<TimestampMicrosecondArray>()
-        .ok_or_else(|| PipelineError::Arrow("received_at is not a timestamp".into()))?;
+    let received = timestamps(batch, "received_at")?;
     for i in 0..batch.num_rows() {
         if payload.is_null(i) || action.is_null(i) || received.is_null(i) {
             continue;
@@ -219,65 +191,11 @@ fn decode(batch: &RecordBatch, rows: &mut Rows) -> Result<(), PipelineError> {
     Ok(())
 }
 
-fn date_column(batch: &RecordBatch) -> Result<&Date32Array, PipelineError> {
-    batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<Date32Array>()
-        .ok_or_else(|| PipelineError::Arrow("first column is not a date".into()))
-}
-
-/// (date, count) rows as a map; `count_column` is the count's index.
-fn per_date_counts(
-    batches: &[RecordBatch],
-    count_column: usize,
-) -> Result<HashMap<i32, u64>, PipelineError> {
-    let mut out = HashMap::new();
-    for b in batches {
-        let counts = cast(b.column(count_column), &DataType::Int64)
-            .map_err(|e| PipelineError::Arrow(e.to_string()))?;
-        let counts = counts
-            .as_any()
-            .downcast_ref::<deltalake::arrow::array::Int64Array>()
-            .ok_or_else(|| PipelineError::Arrow("count is not an integer".into()))?;
-        for (d, n) in date_column(b)?.iter().zip(counts.iter()) {
-            if let (Some(d), Some(n)) = (d, n) {
-                out.insert(d, n.max(0) as u64);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Which bronze rows a run reads.
-enum Source {
-    /// Everything in the current snapshot (first run, or log entries gone).
-    All,
-    /// Files added since the last run, and whole bronze date partitions whose
-    /// added files were compacted away meanwhile.
-    Since {
-        adds: Vec<deltalake::kernel::Add>,
-        partitions: BTreeSet<String>,
-    },
-    /// Bronze received in the `--from/--to` range.
-    Range,
-}
-
 const STATUS_FILTER: &str = "direction = 'cs_to_csms' AND message_type = 2 \
      AND action IN ('StatusNotification', 'NotifyEvent')";
-const BRONZE_COLUMNS: &str = "station_id, ocpp_version, message_id, action, payload, received_at";
-
-/// Runs `sql` and decodes every batch it yields; returns the rows read.
-async fn scan_into(ctx: &SessionContext, sql: &str, rows: &mut Rows) -> Result<u64, PipelineError> {
-    let mut stream = ctx.sql(sql).await?.execute_stream().await?;
-    let mut read = 0u64;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        read += batch.num_rows() as u64;
-        decode(&batch, rows)?;
-    }
-    Ok(read)
-}
+/// The bronze columns the silver decoders read.
+pub(crate) const BRONZE_COLUMNS: &str =
+    "station_id, ocpp_version, message_id, action, payload, received_at";
 
 /// Brings `silver.status_events` up to date with bronze (see the module docs
 /// and [`RunOptions`] for the range mode).
@@ -313,199 +231,42 @@ pub async fn status_events(
     )
     .await?;
     let done = lake::app_version(&silver, &silver_loc, APP_ID).await?;
-
-    let source = if opts.is_range() {
-        Source::Range
-    } else {
-        match done {
-            Some(v) if v >= bronze_version as i64 => {
-                summary.seconds = started.elapsed().as_secs_f64();
-                return Ok(summary);
-            }
-            None => Source::All,
-            Some(v) => {
-                let changes = lake::changes_between(
-                    &bronze,
-                    &bronze_loc,
-                    v.max(0) as u64,
-                    bronze_version,
-                    "date",
-                )
-                .await?;
-                if changes.complete {
-                    Source::Since {
-                        adds: changes.adds,
-                        partitions: changes.reread_partitions,
-                    }
-                } else {
-                    tracing::warn!(
-                        table = bronze_loc,
-                        since = v,
-                        "bronze log entries are gone: reprocessing all of bronze"
-                    );
-                    Source::All
-                }
-            }
-        }
+    let Some(source) = bronze_source(&bronze, &bronze_loc, bronze_version, done, opts).await?
+    else {
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
     };
     let txn = (!opts.is_range()).then_some((APP_ID, bronze_version as i64));
 
     let mut rows = Rows::default();
-    match source {
-        Source::All => {
-            ctx.register_table(
-                "bronze_all",
-                lake::provider(ctx, &bronze, &bronze_loc).await?,
-            )?;
-            let sql = format!("SELECT {BRONZE_COLUMNS} FROM bronze_all WHERE {STATUS_FILTER}");
-            summary.rows_in += scan_into(ctx, &sql, &mut rows).await?;
-            ctx.deregister_table("bronze_all")?;
-        }
-        Source::Range => {
-            ctx.register_table(
-                "bronze_all",
-                lake::provider(ctx, &bronze, &bronze_loc).await?,
-            )?;
-            let sql = format!(
-                "SELECT {BRONZE_COLUMNS} FROM bronze_all WHERE {STATUS_FILTER} AND {}",
-                range_sql("date", opts)
-            );
-            summary.rows_in += scan_into(ctx, &sql, &mut rows).await?;
-            ctx.deregister_table("bronze_all")?;
-        }
-        Source::Since { adds, partitions } => {
-            if !adds.is_empty() {
-                let provider = lake::provider_for_adds(ctx, &bronze, &bronze_loc, adds).await?;
-                ctx.register_table("bronze_new", provider)?;
-                let sql = format!("SELECT {BRONZE_COLUMNS} FROM bronze_new WHERE {STATUS_FILTER}");
-                summary.rows_in += scan_into(ctx, &sql, &mut rows).await?;
-                ctx.deregister_table("bronze_new")?;
-            }
-            let days: BTreeSet<i32> = partitions
-                .iter()
-                .filter_map(|p| NaiveDate::parse_from_str(p, "%Y-%m-%d").ok())
-                .map(days_of_date)
-                .collect();
-            if !days.is_empty() {
-                ctx.register_table(
-                    "bronze_all",
-                    lake::provider(ctx, &bronze, &bronze_loc).await?,
-                )?;
-                let sql = format!(
-                    "SELECT {BRONZE_COLUMNS} FROM bronze_all WHERE {STATUS_FILTER} AND {}",
-                    date_in_sql("date", &days)
-                );
-                summary.rows_in += scan_into(ctx, &sql, &mut rows).await?;
-                ctx.deregister_table("bronze_all")?;
-            }
-        }
-    }
-
-    if rows.len() == 0 {
-        if let Some((app, version)) = txn {
-            lake::record_progress(silver, &silver_loc, &schema, "date", app, version).await?;
-        }
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    }
-    let days: BTreeSet<i32> = rows.date.iter().copied().collect();
-    let new_rows = rows.into_batch(&schema)?;
-    ctx.register_table(
-        "silver_new",
-        Arc::new(MemTable::try_new(schema.clone(), vec![vec![new_rows]])?),
-    )?;
-    ctx.register_table(
-        "silver_cur",
-        lake::provider(ctx, &silver, &silver_loc).await?,
-    )?;
-    let names: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| match f.data_type() {
-            DataType::Utf8 => format!("CAST({0} AS VARCHAR) AS {0}", f.name()),
-            DataType::Date32 => format!("CAST({0} AS DATE) AS {0}", f.name()),
-            _ => f.name().clone(),
-        })
-        .collect();
-    let select = names.join(", ");
-    let plain: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    let plain = plain.join(", ");
-    let sql = format!(
-        "SELECT {plain} FROM (
-            SELECT *, row_number() OVER (
-                PARTITION BY date, station_id, message_id, action, event_index
-                ORDER BY received_at, ocpp_version, event_time, connector_id, evse_id,
-                         status, error_code, info, vendor_error_code) AS rn
-            FROM (SELECT {select} FROM silver_cur WHERE {cur}
-                  UNION ALL SELECT {select} FROM silver_new))
-         WHERE rn = 1
-         ORDER BY date, station_id, event_time, connector_id",
-        cur = date_in_sql("date", &days),
-    );
-    let batches = ctx.sql(&sql).await?.collect().await;
-    let existing = ctx
-        .sql(&format!(
-            "SELECT CAST(date AS DATE) AS date, COUNT(*) AS n FROM silver_cur WHERE {} GROUP BY 1",
-            date_in_sql("date", &days)
-        ))
-        .await?
-        .collect()
-        .await;
-    ctx.deregister_table("silver_new")?;
-    ctx.deregister_table("silver_cur")?;
-    let batches = batches?
-        .iter()
-        .map(|b| lake::conform(b, &schema))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Silver only grows by union, so a date whose deduplicated row count
-    // equals what it holds already gained nothing (every new row was a copy,
-    // e.g. re-read after bronze compaction): leave it, and its gold, alone.
-    let before = per_date_counts(&existing?, 1)?;
-    let mut after: HashMap<i32, u64> = HashMap::new();
-    for b in &batches {
-        for d in date_column(b)?.iter().flatten() {
-            *after.entry(d).or_default() += 1;
-        }
-    }
-    let days: BTreeSet<i32> = days
-        .into_iter()
-        .filter(|d| after.get(d).copied().unwrap_or(0) != before.get(d).copied().unwrap_or(0))
-        .collect();
-    if days.is_empty() {
-        if let Some((app, version)) = txn {
-            lake::record_progress(silver, &silver_loc, &schema, "date", app, version).await?;
-        }
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    }
-    let batches = batches
-        .iter()
-        .map(|b| {
-            let mask: BooleanArray = date_column(b)?
-                .iter()
-                .map(|d| Some(d.is_some_and(|d| days.contains(&d))))
-                .collect();
-            filter_record_batch(b, &mask).map_err(|e| PipelineError::Arrow(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    summary.rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
-    summary.dates_rewritten = days.len() as u64;
-    lake::replace_where(
+    summary.rows_in = scan_bronze(
+        ctx,
+        &bronze,
+        &bronze_loc,
+        source,
+        opts,
+        BRONZE_COLUMNS,
+        STATUS_FILTER,
+        &mut |b| decode(b, &mut rows),
+    )
+    .await?;
+    let merged = merge_dedup(
         ctx,
         silver,
         &silver_loc,
         &schema,
-        "date",
-        batches,
-        date_in("date", &days),
-        txn,
+        rows.into_batch(&schema)?,
+        &Dedup {
+            key: "date, station_id, message_id, action, event_index",
+            order: "received_at, ocpp_version, event_time, connector_id, evse_id, \
+                    status, error_code, info, vendor_error_code",
+            sort: "date, station_id, event_time, connector_id",
+        },
+        txn.as_slice(),
     )
     .await?;
-    tracing::debug!(
-        first = %date_of_days(*days.first().unwrap_or(&0)),
-        last = %date_of_days(*days.last().unwrap_or(&0)),
-        "rewrote silver.status_events dates"
-    );
+    summary.rows_out = merged.rows_out;
+    summary.dates_rewritten = merged.dates_rewritten;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }

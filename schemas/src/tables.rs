@@ -13,6 +13,17 @@ use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 pub const BRONZE_OCPP_MESSAGES: &str = "bronze/ocpp_messages";
 /// `silver.status_events`.
 pub const SILVER_STATUS_EVENTS: &str = "silver/status_events";
+/// `silver.meter_values`.
+pub const SILVER_METER_VALUES: &str = "silver/meter_values";
+/// `silver.transaction_events`: the deduplicated start/update/end events that
+/// `silver.transactions` folds (an intermediate table of the pipeline).
+pub const SILVER_TRANSACTION_EVENTS: &str = "silver/transaction_events";
+/// `silver.transactions`.
+pub const SILVER_TRANSACTIONS: &str = "silver/transactions";
+/// `gold.transactions_completed` (per-transaction detail).
+pub const GOLD_TRANSACTIONS_COMPLETED: &str = "gold/transactions_completed";
+/// `gold.completed_transactions` (per station per day).
+pub const GOLD_COMPLETED_TRANSACTIONS: &str = "gold/completed_transactions";
 /// `gold.daily_faults`.
 pub const GOLD_DAILY_FAULTS: &str = "gold/daily_faults";
 /// `gold.fault_ranking`.
@@ -72,6 +83,122 @@ pub fn status_events_schema() -> SchemaRef {
     ]))
 }
 
+/// `silver.meter_values`, partitioned by `date` (UTC date of `sampled_at`,
+/// which falls back to `received_at` when the sample has no timestamp).
+///
+/// `value` is in `unit` as the adapters give it (2.x multipliers applied,
+/// kWh not converted). Like status events, each row keeps its message
+/// identity; `sample_index` is the sample's position among those the
+/// message carried, and deduplication is keyed on (date, station_id,
+/// message_id, action, sample_index).
+pub fn meter_values_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("transaction_id", DataType::Utf8, true),
+        Field::new("evse_id", DataType::Int32, true),
+        Field::new("connector_id", DataType::Int32, true),
+        Field::new("sampled_at", utc_micros(), false),
+        Field::new("measurand", DataType::Utf8, false),
+        Field::new("phase", DataType::Utf8, true),
+        Field::new("unit", DataType::Utf8, false),
+        Field::new("context", DataType::Utf8, true),
+        Field::new("location", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, false),
+        Field::new("received_at", utc_micros(), false),
+        Field::new("ocpp_version", DataType::Utf8, false),
+        Field::new("message_id", DataType::Utf8, false),
+        Field::new("action", DataType::Utf8, false),
+        Field::new("sample_index", DataType::Int32, false),
+    ]))
+}
+
+/// `silver.transaction_events`, partitioned by `date` (UTC date of
+/// `event_time`, else `received_at`): one row per transaction start, update
+/// (2.x TransactionEvent Updated) or end, deduplicated on (date, station_id,
+/// message_id, action). `kind` is `Started`, `Updated` or `Ended`;
+/// `transaction_id` is text in every version (1.6 integers as decimals).
+pub fn transaction_events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("transaction_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("seq_no", DataType::Int64, true),
+        Field::new("event_time", utc_micros(), false),
+        Field::new("received_at", utc_micros(), false),
+        Field::new("evse_id", DataType::Int32, true),
+        Field::new("connector_id", DataType::Int32, true),
+        Field::new("id_token", DataType::Utf8, true),
+        Field::new("meter_wh", DataType::Float64, true),
+        Field::new("stop_reason", DataType::Utf8, true),
+        Field::new("trigger_reason", DataType::Utf8, true),
+        Field::new("ocpp_version", DataType::Utf8, false),
+        Field::new("message_id", DataType::Utf8, false),
+        Field::new("action", DataType::Utf8, false),
+    ]))
+}
+
+/// `silver.transactions`, partitioned by `date` (UTC date of `started_at`,
+/// else of the transaction's first event when its start is unknown): one row
+/// per (station_id, transaction_id).
+///
+/// `energy_wh` is null when it cannot be trusted; `energy_flag` says why:
+/// `stop_below_start`, `implausible_jump` (more than a 350 kW charger could
+/// deliver in the time) or `missing_meter` (fewer than two register
+/// readings).
+pub fn transactions_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("transaction_id", DataType::Utf8, false),
+        Field::new("evse_id", DataType::Int32, true),
+        Field::new("connector_id", DataType::Int32, true),
+        Field::new("id_token", DataType::Utf8, true),
+        Field::new("started_at", utc_micros(), true),
+        Field::new("stopped_at", utc_micros(), true),
+        Field::new("meter_start_wh", DataType::Float64, true),
+        Field::new("meter_stop_wh", DataType::Float64, true),
+        Field::new("energy_wh", DataType::Float64, true),
+        Field::new("stop_reason", DataType::Utf8, true),
+        Field::new("is_complete", DataType::Boolean, false),
+        Field::new("ocpp_version", DataType::Utf8, false),
+        Field::new("energy_flag", DataType::Utf8, true),
+    ]))
+}
+
+/// `gold.transactions_completed`, partitioned by `date` (UTC date of
+/// `stopped_at`): one row per completed transaction. `energy_kwh` is null
+/// where `energy_flag` is set.
+pub fn transactions_completed_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("transaction_id", DataType::Utf8, false),
+        Field::new("id_token", DataType::Utf8, true),
+        Field::new("started_at", utc_micros(), false),
+        Field::new("stopped_at", utc_micros(), false),
+        Field::new("duration_s", DataType::Int64, false),
+        Field::new("energy_kwh", DataType::Float64, true),
+        Field::new("energy_flag", DataType::Utf8, true),
+    ]))
+}
+
+/// `gold.completed_transactions`, partitioned by `date`: per station per
+/// day. `energy_kwh` sums unflagged transactions only; `p95_duration_s` is
+/// the exact 95th percentile with linear interpolation between ranks.
+pub fn completed_transactions_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("transactions", DataType::Int64, false),
+        Field::new("energy_kwh", DataType::Float64, false),
+        Field::new("total_duration_s", DataType::Int64, false),
+        Field::new("avg_duration_s", DataType::Float64, false),
+        Field::new("p95_duration_s", DataType::Float64, false),
+    ]))
+}
+
 /// `gold.daily_faults`, partitioned by `date`: faults per station per day.
 pub fn daily_faults_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -109,6 +236,11 @@ mod tests {
             (status_events_schema(), "date"),
             (daily_faults_schema(), "date"),
             (fault_ranking_schema(), "month"),
+            (meter_values_schema(), "date"),
+            (transaction_events_schema(), "date"),
+            (transactions_schema(), "date"),
+            (transactions_completed_schema(), "date"),
+            (completed_transactions_schema(), "date"),
         ] {
             assert!(schema.field_with_name(partition).is_ok());
             let mut names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
