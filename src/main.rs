@@ -51,11 +51,33 @@ enum Command {
     /// Refine bronze into silver and gold tables.
     #[command(subcommand)]
     Pipeline(PipelineCmd),
+    /// Render (and mail) reports.
+    #[command(subcommand)]
+    Report(ReportCmd),
     /// Simulate charging stations against a CSMS and print throughput, latency and server RSS.
     Loadgen(loadgen::LoadgenArgs),
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// Stations that faulted at least the threshold times in one day, for a month.
+    FaultRanking {
+        /// Month, YYYY-MM.
+        #[arg(long)]
+        month: String,
+        /// Mail it through SMTP_URL instead of writing files.
+        #[arg(long)]
+        send: bool,
+        /// Recipient (repeatable).
+        #[arg(long = "to", value_name = "ADDRESS")]
+        to: Vec<String>,
+        /// Folder for the files when not sending (default ./report-YYYY-MM).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,20 +191,28 @@ fn main() -> Result<()> {
             .context("invalid [pipeline] configuration")?,
         None => Default::default(),
     };
+    let mut smtp_cfg: workflows::SmtpConfig = match table.remove("smtp") {
+        Some(s) => s.try_into().context("invalid [smtp] configuration")?,
+        None => Default::default(),
+    };
     let mut config = Config::from_table(table).context("loading configuration")?;
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    if let Some(u) = &config.smtp_url {
+        smtp_cfg.url = Some(u.clone());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.command, config, pipeline_cfg))
+    runtime.block_on(run(cli.command, config, pipeline_cfg, smtp_cfg))
 }
 
 async fn run(
     command: Command,
     config: Config,
     pipeline_cfg: pipeline::PipelineConfig,
+    smtp_cfg: workflows::SmtpConfig,
 ) -> Result<()> {
     match command {
         Command::Serve { workers: Some(n) } if n > 1 => run_workers(n, &config).await,
@@ -208,6 +238,36 @@ async fn run(
         Command::Lake(cmd) => lake(cmd, &config).await,
         Command::Pipeline(PipelineCmd::Run { stage, from, to }) => {
             run_pipeline(&config, pipeline_cfg, stage, from, to).await
+        }
+        Command::Report(ReportCmd::FaultRanking {
+            month,
+            send,
+            to,
+            out,
+        }) => {
+            let storage = if pipeline_cfg.storage_options.is_empty() {
+                config.lake.storage_options.clone()
+            } else {
+                pipeline_cfg.storage_options.clone()
+            };
+            let url = config.lake_url()?;
+            let report =
+                workflows::load_fault_ranking(&url, &storage, &month, pipeline_cfg.fault_threshold)
+                    .await?;
+            let rendered = workflows::render_fault_ranking(&report)?;
+            if send {
+                if to.is_empty() {
+                    bail!("--send needs at least one --to ADDRESS");
+                }
+                workflows::send(&rendered, &smtp_cfg, &to).await?;
+                println!("sent \"{}\" to {}", rendered.subject, to.join(", "));
+            } else {
+                let dir = out.unwrap_or_else(|| PathBuf::from(format!("report-{month}")));
+                for p in workflows::write_to_dir(&rendered, &dir, &smtp_cfg, &to)? {
+                    println!("{}", p.display());
+                }
+            }
+            Ok(())
         }
         Command::Loadgen(args) => {
             print!("{}", loadgen::run(args).await?);

@@ -11,6 +11,7 @@ mod durability;
 mod limits;
 mod policies;
 mod python_clients;
+mod report;
 mod routing;
 mod tls;
 mod upgrade;
