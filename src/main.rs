@@ -37,8 +37,15 @@ enum Command {
         #[arg(long, value_name = "N")]
         workers: Option<u32>,
     },
-    /// Run only the OCPP ingest node (WAL, lake writer, HTTP API).
+    /// Run only the OCPP ingest node (WAL, lake writer, HTTP API without SQL).
     Ingest,
+    /// Run one SQL query over the lake (and live status with REDIS_URL) and print the result.
+    Query {
+        /// The SQL text, e.g. "SELECT * FROM gold.fault_ranking".
+        sql: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
     /// Register stations and their Basic-auth passwords.
     #[command(subcommand)]
     Stations(StationsCmd),
@@ -93,6 +100,13 @@ enum PipelineCmd {
         #[arg(long)]
         to: Option<chrono::NaiveDate>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -169,13 +183,24 @@ enum LakeCmd {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on; the cause chain follows the colons.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     // Both rustls providers are compiled in through dependencies; pick one.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,deltalake_core=warn,deltalake=warn,delta_kernel=warn,datafusion=warn".into()
+                "warn,csms=info,ingest=info,pipeline=info,query=info,workflows=info,loadgen=info".into()
             }),
         )
         .with_target(false)
@@ -189,6 +214,10 @@ fn main() -> Result<()> {
         Some(section) => section
             .try_into()
             .context("invalid [pipeline] configuration")?,
+        None => Default::default(),
+    };
+    let query_cfg: query::QueryConfig = match table.remove("query") {
+        Some(s) => s.try_into().context("invalid [query] configuration")?,
         None => Default::default(),
     };
     let mut smtp_cfg: workflows::SmtpConfig = match table.remove("smtp") {
@@ -205,7 +234,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.command, config, pipeline_cfg, smtp_cfg))
+    runtime.block_on(run(cli.command, config, pipeline_cfg, smtp_cfg, query_cfg))
 }
 
 async fn run(
@@ -213,11 +242,27 @@ async fn run(
     config: Config,
     pipeline_cfg: pipeline::PipelineConfig,
     smtp_cfg: workflows::SmtpConfig,
+    query_cfg: query::QueryConfig,
 ) -> Result<()> {
     match command {
         Command::Serve { workers: Some(n) } if n > 1 => run_workers(n, &config).await,
         Command::Serve { .. } | Command::Ingest => {
-            let running = ingest::runtime::start(config).await?;
+            let with_sql = matches!(command, Command::Serve { .. });
+            let lake_url = config.lake_url()?;
+            let lake_opts = config.lake.storage_options.clone();
+            let running = ingest::runtime::start_with(config, move |node| {
+                if !with_sql {
+                    return Default::default();
+                }
+                let engine = query::QueryEngine::new(
+                    &lake_url,
+                    lake_opts,
+                    Some(node.status.clone()),
+                    query_cfg,
+                );
+                query::api_router(engine)
+            })
+            .await?;
             let shutdown = running.shutdown.clone();
             tokio::spawn(async move {
                 let mut term =
@@ -238,6 +283,34 @@ async fn run(
         Command::Lake(cmd) => lake(cmd, &config).await,
         Command::Pipeline(PipelineCmd::Run { stage, from, to }) => {
             run_pipeline(&config, pipeline_cfg, stage, from, to).await
+        }
+        Command::Query { sql, format } => {
+            let status = match &config.redis_url {
+                Some(url) => Some(
+                    ingest::status::StatusStore::redis(url, config.status.clone())
+                        .await
+                        .context("connecting to REDIS_URL for the live tables")?,
+                ),
+                // The embedded store lives inside `csms serve`: use POST /api/sql there.
+                None => None,
+            };
+            let engine = query::QueryEngine::new(
+                &config.lake_url()?,
+                config.lake.storage_options.clone(),
+                status,
+                query_cfg,
+            );
+            let result = engine.sql(&sql).await?;
+            match format {
+                OutputFormat::Table => println!("{}", query::render_table(&result)?),
+                OutputFormat::Csv => {
+                    std::io::Write::write_all(&mut std::io::stdout(), &query::render_csv(&result)?)?
+                }
+                OutputFormat::Json => {
+                    println!("{}", String::from_utf8_lossy(&query::render_json(&result)?))
+                }
+            }
+            Ok(())
         }
         Command::Report(ReportCmd::FaultRanking {
             month,

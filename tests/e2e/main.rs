@@ -13,6 +13,7 @@ mod policies;
 mod python_clients;
 mod report;
 mod routing;
+mod sql;
 mod tls;
 mod upgrade;
 mod workers;
