@@ -63,6 +63,8 @@ enum Command {
     Report(ReportCmd),
     /// Simulate charging stations against a CSMS and print throughput, latency and server RSS.
     Loadgen(loadgen::LoadgenArgs),
+    /// Write a simulated bronze history (1.6 and 2.0.1 stations, sessions, faults) into the lake.
+    Simulate(SimulateArgs),
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -107,6 +109,36 @@ enum OutputFormat {
     Table,
     Csv,
     Json,
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    #[arg(long, default_value_t = 100)]
+    stations: usize,
+    #[arg(long, default_value_t = 7)]
+    days: u32,
+    /// First simulated day, YYYY-MM-DD (default: DAYS days before today).
+    #[arg(long)]
+    start: Option<chrono::NaiveDate>,
+    /// Same seed and options, same history.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of stations speaking OCPP 2.0.1 (the others 1.6).
+    #[arg(long, default_value_t = 0.4)]
+    ratio_201: f64,
+    /// Share of timestamped messages received one to three days late.
+    #[arg(long, default_value_t = 0.002)]
+    late_fraction: f64,
+    /// Share of messages retransmitted with the same message id.
+    #[arg(long, default_value_t = 0.002)]
+    duplicate_fraction: f64,
+    #[arg(long, default_value_t = 3600)]
+    heartbeat_secs: u32,
+    #[arg(long, default_value_t = 300)]
+    meter_interval_secs: u32,
+    /// Node id the rows are attributed to (bronze node_id, app transaction).
+    #[arg(long, default_value = "simulator")]
+    node_id: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -342,6 +374,7 @@ async fn run(
             }
             Ok(())
         }
+        Command::Simulate(args) => simulate(&config, args).await,
         Command::Loadgen(args) => {
             print!("{}", loadgen::run(args).await?);
             Ok(())
@@ -605,5 +638,53 @@ async fn run_workers(n: u32, config: &Config) -> Result<()> {
             let _ = c.kill().await;
         }
     }
+    Ok(())
+}
+
+async fn simulate(config: &Config, a: SimulateArgs) -> Result<()> {
+    if a.stations == 0 || a.days == 0 {
+        bail!("--stations and --days must be at least 1");
+    }
+    let url = config.lake_url()?;
+    let start = a
+        .start
+        .unwrap_or_else(|| chrono::Utc::now().date_naive() - chrono::Days::new(u64::from(a.days)));
+    let opts = pipeline::simulate::SimulateOptions {
+        stations: a.stations,
+        days: a.days,
+        start,
+        seed: a.seed,
+        ratio_201: a.ratio_201,
+        late_fraction: a.late_fraction,
+        duplicate_fraction: a.duplicate_fraction,
+        node_id: a.node_id,
+        heartbeat_secs: a.heartbeat_secs,
+        meter_interval_secs: a.meter_interval_secs,
+        ..Default::default()
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "simulating [{bar:40}] {human_pos}/~{human_len} rows, {per_sec}, eta {eta}",
+        )
+        .expect("static template"),
+    );
+    let pb = bar.clone();
+    let progress = move |rows: u64, total: u64| {
+        pb.set_length(total);
+        pb.set_position(rows);
+    };
+    let s =
+        pipeline::simulate::simulate(&url, &config.lake.storage_options, &opts, &progress).await?;
+    bar.finish_and_clear();
+    println!(
+        "simulated {} stations x {} days from {start}: {} bronze rows in {} files, {:.1} s ({:.0} rows/s)",
+        opts.stations,
+        opts.days,
+        s.rows,
+        s.files,
+        s.seconds,
+        s.rows as f64 / s.seconds.max(1e-9)
+    );
     Ok(())
 }

@@ -299,8 +299,17 @@ impl CommandRouter {
     /// task that runs incoming requests with `execute` and publishes their
     /// answers. Fails if Redis cannot be reached now; later outages are
     /// survived by resubscribing with backoff.
+    ///
+    /// A Redis Cluster URL (as the status store accepts) is served through
+    /// its first node: every router subscribes and publishes there, so
+    /// PUBLISH's receiver count (how "not connected" is told) stays exact,
+    /// which it is not across cluster nodes.
     pub async fn redis(url: &str, node_id: String, execute: Execute) -> Result<Self, RouterError> {
-        let client = redis::Client::open(url).map_err(RouterError::Url)?;
+        let single = match crate::status::cluster_nodes(url) {
+            Ok(Some(nodes)) => nodes.into_iter().next().unwrap_or_default(),
+            _ => url.to_string(),
+        };
+        let client = redis::Client::open(single.as_str()).map_err(RouterError::Url)?;
         let publisher = ConnectionManager::new(client.clone())
             .await
             .map_err(RouterError::Connect)?;
@@ -653,6 +662,29 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(5);
+
+    /// A cluster URL (the status store's forms) routes through its first node.
+    #[tokio::test]
+    async fn cluster_urls_route_through_the_first_node() {
+        let redis = RedisServer::start_cluster();
+        let url = format!("redis+cluster://127.0.0.1:{}", redis.port);
+        let list = format!("{},{}", redis.url(), redis.url());
+        let b_runs = Arc::default();
+        let a = CommandRouter::redis(&url, "A".into(), executor("A", Arc::default()))
+            .await
+            .unwrap();
+        let _b = CommandRouter::redis(&list, "B".into(), executor("B", Arc::clone(&b_runs)))
+            .await
+            .unwrap();
+        let got = a.call(Some("B".into()), "CP1", "Reset", json!({}), T).await;
+        assert!(matches!(got, Ok(CallAnswer::Result(_))), "{got:?}");
+        assert_eq!(b_runs.load(Ordering::SeqCst), 1);
+        let none = a.call(Some("C".into()), "CP1", "Reset", json!({}), T).await;
+        assert!(
+            matches!(none, Err(CallFailure::NotConnected(_))),
+            "{none:?}"
+        );
+    }
 
     #[tokio::test]
     async fn command_reaches_the_holding_node_and_its_answer_comes_back() {

@@ -131,8 +131,7 @@ pub async fn transactions_completed(
                             AS duration_s,
                         energy_wh / 1000.0 AS energy_kwh,
                         CAST(energy_flag AS VARCHAR) AS energy_flag
-                 FROM tx_src WHERE is_complete AND {where_sql}
-                 ORDER BY date, station_id, stopped_at, transaction_id"
+                 FROM tx_src WHERE is_complete AND {where_sql}"
             ))
             .await?
             .collect()

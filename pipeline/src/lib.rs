@@ -28,6 +28,9 @@
 //! - [`transactions`]: `silver.transactions` (the fold, energy and flags).
 //! - [`gold_tx`]: `gold.transactions_completed` and
 //!   `gold.completed_transactions`.
+//! - [`tariffs`]: the versioned tariff file and the pricing of a transaction;
+//!   [`billing`]: `gold.billing` and `gold.billing_statements` (run only when
+//!   [`PipelineConfig::tariffs_path`] is set).
 //! - `incremental` (private): the bronze-source selection, scans and the
 //!   deduplicating merge the silver jobs share.
 
@@ -39,14 +42,19 @@ use chrono::NaiveDate;
 use deltalake::DeltaTableError;
 use deltalake::datafusion::error::DataFusionError;
 
+pub mod billing;
 pub mod gold;
 pub mod gold_tx;
 mod incremental;
 pub mod lake;
 pub mod meter;
 pub mod silver;
+pub mod simulate;
+pub mod tariffs;
 pub mod transactions;
 
+#[cfg(test)]
+mod golden_billing_tests;
 #[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
@@ -64,6 +72,11 @@ pub struct PipelineConfig {
     pub memory_limit_bytes: usize,
     /// object_store / delta-rs storage options (as for ingest's lake writer).
     pub storage_options: HashMap<String, String>,
+    /// The versioned tariff file ([`tariffs`] has the format), relative to
+    /// the working directory, e.g. `workflows/tariffs.toml`. `None` (the
+    /// default) skips `gold.billing` and `gold.billing_statements`, with a
+    /// log line: prices are the operator's to set, not a guessed default.
+    pub tariffs_path: Option<std::path::PathBuf>,
 }
 
 impl Default for PipelineConfig {
@@ -72,6 +85,7 @@ impl Default for PipelineConfig {
             fault_threshold: 5,
             memory_limit_bytes: 512 << 20,
             storage_options: HashMap::new(),
+            tariffs_path: None,
         }
     }
 }
@@ -199,6 +213,8 @@ pub enum PipelineError {
     Arrow(String),
     #[error("reading the delta log: {0}")]
     Log(String),
+    #[error(transparent)]
+    Tariffs(#[from] tariffs::TariffError),
 }
 
 impl From<DataFusionError> for PipelineError {
@@ -255,6 +271,23 @@ pub async fn run(
         done(gold_tx::transactions_completed(&ctx, lake_url, config, opts).await?);
         progress(ProgressEvent::TableStarted(gold_tx::DAILY_TABLE.into()));
         done(gold_tx::completed_transactions(&ctx, lake_url, config, opts).await?);
+        match &config.tariffs_path {
+            Some(path) => {
+                // Loaded per run, so an edited file takes effect without a
+                // restart (and a changed file reprices everything).
+                let book = tariffs::TariffBook::load(path)?;
+                progress(ProgressEvent::TableStarted(billing::BILLING_TABLE.into()));
+                done(billing::billing(&ctx, lake_url, config, opts, &book).await?);
+                progress(ProgressEvent::TableStarted(
+                    billing::STATEMENTS_TABLE.into(),
+                ));
+                done(billing::billing_statements(&ctx, lake_url, config, opts).await?);
+            }
+            None => tracing::info!(
+                "no tariff file configured ([pipeline] tariffs_path): \
+                 gold.billing and gold.billing_statements skipped"
+            ),
+        }
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)

@@ -28,6 +28,10 @@ pub const GOLD_COMPLETED_TRANSACTIONS: &str = "gold/completed_transactions";
 pub const GOLD_DAILY_FAULTS: &str = "gold/daily_faults";
 /// `gold.fault_ranking`.
 pub const GOLD_FAULT_RANKING: &str = "gold/fault_ranking";
+/// `gold.billing` (one priced line per completed transaction).
+pub const GOLD_BILLING: &str = "gold/billing";
+/// `gold.billing_statements` (per month per id token and currency).
+pub const GOLD_BILLING_STATEMENTS: &str = "gold/billing_statements";
 
 fn utc_micros() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -199,6 +203,54 @@ pub fn completed_transactions_schema() -> SchemaRef {
     ]))
 }
 
+/// `gold.billing`, partitioned by `date` (UTC date of `stopped_at`): one line
+/// per completed transaction, priced with the tariff in force at its start.
+///
+/// `energy_kwh_peak` is the energy charged at the tariff's base price,
+/// `energy_kwh_offpeak` the energy inside its time-of-use windows.
+/// `energy_split` says how the split was made: `metered` (interpolated
+/// between register readings), `estimated` (a window boundary fell in a
+/// stretch without close readings: split in proportion to time) or
+/// `unavailable` (the energy is flagged: energy columns null, energy priced
+/// 0). `is_complete_data` is false unless the split is `metered` and a tariff
+/// applied. Costs are null when no tariff was in force (`tariff_id` null).
+pub fn billing_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("transaction_id", DataType::Utf8, false),
+        Field::new("id_token", DataType::Utf8, true),
+        Field::new("started_at", utc_micros(), false),
+        Field::new("stopped_at", utc_micros(), false),
+        Field::new("duration_min", DataType::Float64, false),
+        Field::new("energy_kwh", DataType::Float64, true),
+        Field::new("energy_kwh_peak", DataType::Float64, true),
+        Field::new("energy_kwh_offpeak", DataType::Float64, true),
+        Field::new("energy_cost", DataType::Float64, true),
+        Field::new("time_cost", DataType::Float64, true),
+        Field::new("total_cost", DataType::Float64, true),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("tariff_id", DataType::Utf8, true),
+        Field::new("energy_split", DataType::Utf8, false),
+        Field::new("energy_flag", DataType::Utf8, true),
+        Field::new("is_complete_data", DataType::Boolean, false),
+    ]))
+}
+
+/// `gold.billing_statements`, partitioned by `month` (`YYYY-MM` of the
+/// billing lines' stop dates): per id token and currency, the priced lines
+/// (those with a tariff), their energy (unflagged only) and total cost.
+pub fn billing_statements_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("month", DataType::Utf8, false),
+        Field::new("id_token", DataType::Utf8, true),
+        Field::new("currency", DataType::Utf8, false),
+        Field::new("transactions", DataType::Int64, false),
+        Field::new("energy_kwh", DataType::Float64, false),
+        Field::new("total_cost", DataType::Float64, false),
+    ]))
+}
+
 /// `gold.daily_faults`, partitioned by `date`: faults per station per day.
 pub fn daily_faults_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -241,6 +293,8 @@ mod tests {
             (transactions_schema(), "date"),
             (transactions_completed_schema(), "date"),
             (completed_transactions_schema(), "date"),
+            (billing_schema(), "date"),
+            (billing_statements_schema(), "month"),
         ] {
             assert!(schema.field_with_name(partition).is_ok());
             let mut names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
