@@ -9,6 +9,7 @@ mod callerror;
 mod commands;
 mod durability;
 mod limits;
+mod liveness;
 mod policies;
 mod python_clients;
 mod report;

@@ -1,0 +1,74 @@
+//! Connection liveness: a silent socket (no pong) is found and released, and
+//! a second connection with the same station id replaces the first.
+
+use std::time::Duration;
+
+use tests::TestServer;
+
+#[tokio::test]
+async fn silent_connection_is_closed_and_released() {
+    let server = TestServer::builder()
+        .env("CSMS_ALLOW_UNKNOWN", "true")
+        .env("CSMS_OCPP__PING_INTERVAL_SECS", "1")
+        .start()
+        .await;
+    let mut cp = server.connect("SILENT", "ocpp1.6", None).await.unwrap();
+    cp.heartbeat_ok("h1").await.unwrap();
+    // Not reading the socket means never answering the server's pings.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let closed = cp.wait_closed(Duration::from_secs(5)).await.unwrap();
+    assert!(closed.texts.is_empty(), "{:?}", closed.texts);
+    assert!(
+        server
+            .metric("csms_dead_connections_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    let r = server
+        .admin_request("GET", "/api/stations/SILENT", None)
+        .await
+        .unwrap();
+    assert_eq!(r.json().unwrap()["connected"], false, "{}", r.text());
+}
+
+#[tokio::test]
+async fn answering_pings_keeps_a_quiet_station_connected() {
+    let server = TestServer::builder()
+        .env("CSMS_ALLOW_UNKNOWN", "true")
+        .env("CSMS_OCPP__PING_INTERVAL_SECS", "1")
+        .start()
+        .await;
+    let mut cp = server.connect("QUIET", "ocpp2.0.1", None).await.unwrap();
+    // Reading answers pings automatically; no OCPP traffic for 4 s.
+    let r = cp.recv_text_timeout(Duration::from_secs(4)).await;
+    assert!(r.is_err(), "no text expected: {r:?}");
+    cp.heartbeat_ok("h1").await.unwrap();
+}
+
+#[tokio::test]
+async fn newer_connection_replaces_the_older() {
+    let server = TestServer::builder()
+        .env("CSMS_ALLOW_UNKNOWN", "true")
+        .start()
+        .await;
+    let mut first = server.connect("TWICE", "ocpp1.6", None).await.unwrap();
+    first.heartbeat_ok("a1").await.unwrap();
+    let mut second = server.connect("TWICE", "ocpp1.6", None).await.unwrap();
+    let closed = first.wait_closed(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(closed.code, Some(1008), "{closed:?}");
+    assert!(closed.reason.contains("replaced"), "{}", closed.reason);
+    second.heartbeat_ok("b1").await.unwrap();
+    assert!(
+        server
+            .metric("csms_sessions_replaced_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    let r = server
+        .admin_request("GET", "/api/stations/TWICE", None)
+        .await
+        .unwrap();
+    assert_eq!(r.json().unwrap()["connected"], true, "{}", r.text());
+}
