@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond Rust: redis-server, and the Python
+# Installs what the test suite needs beyond Rust: redis-server, the psql
+# client (Debian package postgresql-client), and the Python
 # packages the e2e tests drive (ocpp with its 1.6/2.0.1/2.1 modules,
-# websockets, deltalake, moto[server], aiosmtpd, pytest). Idempotent and
+# websockets, deltalake, moto[server], aiosmtpd, pytest, psycopg[binary]). Idempotent and
 # quiet when everything is present: a stamp keyed by this script's hash makes
 # reruns instant. Works when executed and when sourced (scripts/test does).
 
@@ -15,7 +16,8 @@ csms_install_test_deps() {
 
     # Cheap checks even with a stamp: a machine can lose packages.
     if [[ -f "$stamp" ]] && command -v redis-server >/dev/null 2>&1 \
-        && "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake' >/dev/null 2>&1; then
+        && command -v psql >/dev/null 2>&1 \
+        && "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, psycopg' >/dev/null 2>&1; then
         return 0
     fi
 
@@ -32,9 +34,18 @@ csms_install_test_deps() {
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null || return 1
     fi
 
+    # psql: the real client of the PostgreSQL wire protocol tests.
+    if ! command -v psql >/dev/null 2>&1; then
+        echo "install-test-deps: installing postgresql-client (psql)" >&2
+        local sudo=""
+        [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
+        $sudo apt-get update -qq >/dev/null || return 1
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql-client >/dev/null || return 1
+    fi
+
     # websockets>=14 for `additional_headers`; ocpp>=2.1 for ocpp.v21;
     # deltalake>=1.0 for QueryBuilder without pyarrow.
-    local pkgs=("ocpp>=2.1" "websockets>=14" "deltalake>=1.0" "moto[server]>=5" "aiosmtpd>=1.4" "pytest>=8")
+    local pkgs=("ocpp>=2.1" "websockets>=14" "deltalake>=1.0" "moto[server]>=5" "aiosmtpd>=1.4" "pytest>=8" "psycopg[binary]>=3.1")
     if ! "$python" - "${pkgs[@]}" >/dev/null 2>&1 <<'PY'
 import sys
 from importlib.metadata import version, PackageNotFoundError
@@ -57,7 +68,7 @@ PY
             || return 1
     fi
 
-    if ! "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, moto, aiosmtpd' >/dev/null 2>&1; then
+    if ! "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, moto, aiosmtpd, psycopg' >/dev/null 2>&1; then
         echo "install-test-deps: Python packages still missing after install (need ocpp with v16, v201 and v21)" >&2
         return 1
     fi

@@ -282,6 +282,14 @@ async fn run(
             let with_sql = matches!(command, Command::Serve { .. });
             let lake_url = config.lake_url()?;
             let lake_opts = config.lake.storage_options.clone();
+            let pg_addr = config.pg_addr;
+            let reuse_port = config.worker_index.is_some();
+            // The same token guards HTTP and the PostgreSQL wire.
+            let admin_token = ingest::runtime::admin_token(&config)?;
+            let pg_users = query_cfg.pg_users.clone();
+            let pg_engine: std::sync::Arc<std::sync::Mutex<Option<query::QueryEngine>>> =
+                Default::default();
+            let slot = pg_engine.clone();
             let running = ingest::runtime::start_with(config, move |node| {
                 if !with_sql {
                     return Default::default();
@@ -292,9 +300,23 @@ async fn run(
                     Some(node.status.clone()),
                     query_cfg,
                 );
+                *slot.lock().expect("not poisoned") = Some(engine.clone());
                 query::api_router(engine)
             })
             .await?;
+            let engine = pg_engine.lock().expect("not poisoned").take();
+            if let Some(engine) = engine {
+                let listener = ingest::runtime::bind_listener(pg_addr, reuse_port)
+                    .with_context(|| format!("cannot listen on CSMS_PG_ADDR {pg_addr}"))?;
+                let auth = query::PgAuth::new(Some(&admin_token), &pg_users);
+                tracing::info!(%pg_addr, "PostgreSQL wire listening (database csms, user analyst)");
+                tokio::spawn(query::serve_pg(
+                    engine,
+                    listener,
+                    auth,
+                    running.shutdown.clone(),
+                ));
+            }
             let shutdown = running.shutdown.clone();
             tokio::spawn(async move {
                 let mut term =

@@ -269,7 +269,7 @@ pub async fn start_with(
 
 /// A listening socket; workers of one `csms serve --workers N` share their
 /// ports through SO_REUSEPORT, so the kernel spreads connections over them.
-fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -285,7 +285,7 @@ fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListe
 
 /// The admin token: configured, or generated once into `$data_dir/admin_token`
 /// (readable by the owner only) so the API works out of the box.
-fn admin_token(config: &Config) -> Result<String, StartError> {
+pub fn admin_token(config: &Config) -> Result<String, StartError> {
     if let Some(t) = &config.admin_token {
         return Ok(t.clone());
     }

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deltalake::arrow::array::RecordBatch;
-use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::datatypes::{DataType, SchemaRef};
 use deltalake::datafusion::catalog::{MemorySchemaProvider, TableProvider};
-use deltalake::datafusion::common::TableReference;
+use deltalake::datafusion::common::{ParamValues, TableReference};
 use deltalake::datafusion::execution::memory_pool::FairSpillPool;
 use deltalake::datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use deltalake::datafusion::execution::session_state::SessionStateBuilder;
+use deltalake::datafusion::logical_expr::LogicalPlan;
 use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
 use futures_util::StreamExt;
 use ingest::status::StatusStore;
@@ -146,9 +147,54 @@ impl QueryEngine {
     /// session changes are refused ([`QueryError::ReadOnly`]); the statement
     /// is bounded by the timeout, the engine's memory pool and `max_rows`.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        let inner = self.inner.clone();
+        self.sql_with(sql, Extras::default()).await
+    }
+
+    /// [`Self::sql`] with what a protocol front-end adds (the PostgreSQL
+    /// wire: its catalog in the session, bound parameter values); the same
+    /// read-only checks and limits apply.
+    pub(crate) async fn sql_with(
+        &self,
+        sql: &str,
+        extras: Extras,
+    ) -> Result<QueryResult, QueryError> {
         let sql = sql.to_string();
-        let task = async move { inner.run(&sql).await };
+        self.bounded(move |inner| async move { inner.run(&sql, &extras).await })
+            .await
+    }
+
+    /// Plans a statement without running it: its result schema and the
+    /// types DataFusion infers for its `$n` parameters (for the PostgreSQL
+    /// extended protocol's Describe). Refused statements fail as in
+    /// [`Self::sql`].
+    pub(crate) async fn describe(
+        &self,
+        sql: &str,
+        setup: Option<SessionSetup>,
+    ) -> Result<Described, QueryError> {
+        let sql = sql.to_string();
+        self.bounded(move |inner| async move {
+            let (_, plan) = inner.plan(&sql, setup.as_ref()).await?;
+            let params = plan.get_parameter_types()?;
+            let mut params: Vec<(String, Option<DataType>)> = params.into_iter().collect();
+            // "$1", "$2", ... "$10": by number, not text.
+            params.sort_by_key(|(id, _)| id.trim_start_matches('$').parse::<usize>().unwrap_or(0));
+            Ok(Described {
+                schema: Arc::new(plan.schema().as_arrow().clone()),
+                params: params.into_iter().map(|(_, t)| t).collect(),
+            })
+        })
+        .await
+    }
+
+    /// Runs `work` on the query runtime under the engine's timeout.
+    async fn bounded<T, F, Fut>(&self, work: F) -> Result<T, QueryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: Future<Output = Result<T, QueryError>> + Send + 'static,
+    {
+        let task = work(self.inner.clone());
         let handle = match &self.inner.runtime.0 {
             Some(rt) => rt.spawn(task),
             None => tokio::spawn(task),
@@ -170,6 +216,26 @@ impl QueryEngine {
     }
 }
 
+/// Extra setup of a query's session by a protocol front-end (registering
+/// the PostgreSQL catalog and functions).
+pub(crate) type SessionSetup = Arc<dyn Fn(&SessionContext) -> Result<(), QueryError> + Send + Sync>;
+
+/// What a front-end adds to a statement.
+#[derive(Clone, Default)]
+pub(crate) struct Extras {
+    pub(crate) setup: Option<SessionSetup>,
+    /// Values of the statement's `$n` parameters, in order.
+    pub(crate) params: Option<ParamValues>,
+}
+
+/// A planned, not executed, statement.
+#[derive(Debug, Clone)]
+pub(crate) struct Described {
+    pub(crate) schema: SchemaRef,
+    /// The inferred type of `$1`, `$2`, ... (`None`: not inferable).
+    pub(crate) params: Vec<Option<DataType>>,
+}
+
 fn outcome(r: &Result<QueryResult, QueryError>) -> &'static str {
     match r {
         Ok(_) => "ok",
@@ -183,10 +249,10 @@ fn outcome(r: &Result<QueryResult, QueryError>) -> &'static str {
 }
 
 impl Inner {
-    async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
+    async fn run(&self, sql: &str, extras: &Extras) -> Result<QueryResult, QueryError> {
         let started = Instant::now();
         let limit = Duration::from_secs(self.config.timeout_secs.max(1));
-        let result = match tokio::time::timeout(limit, self.execute(sql)).await {
+        let result = match tokio::time::timeout(limit, self.execute(sql, extras)).await {
             Ok(r) => r,
             Err(_) => Err(QueryError::Timeout(limit)),
         };
@@ -234,8 +300,16 @@ impl Inner {
         Ok(ctx)
     }
 
-    async fn execute(&self, sql: &str) -> Result<QueryResult, QueryError> {
+    /// Parses, checks, registers the named tables and plans one statement.
+    async fn plan(
+        &self,
+        sql: &str,
+        setup: Option<&SessionSetup>,
+    ) -> Result<(SessionContext, LogicalPlan), QueryError> {
         let ctx = self.session()?;
+        if let Some(setup) = setup {
+            setup(&ctx)?;
+        }
         let state = ctx.state();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state.sql_to_statement(sql, &dialect)?;
@@ -244,6 +318,15 @@ impl Inner {
         self.register(&ctx, &references).await?;
         let plan = ctx.state().statement_to_plan(statement).await?;
         readonly::check_plan(&plan)?;
+        Ok((ctx, plan))
+    }
+
+    async fn execute(&self, sql: &str, extras: &Extras) -> Result<QueryResult, QueryError> {
+        let (ctx, plan) = self.plan(sql, extras.setup.as_ref()).await?;
+        let plan = match &extras.params {
+            Some(values) => plan.replace_params_with_values(values)?,
+            None => plan,
+        };
         let frame = ctx.execute_logical_plan(plan).await?;
         let mut stream = frame.execute_stream().await?;
         let schema = stream.schema();
@@ -272,9 +355,11 @@ impl Inner {
         references: &[TableReference],
     ) -> Result<(), QueryError> {
         let mut wanted: BTreeSet<(String, String)> = BTreeSet::new();
-        let catalog_query = references
-            .iter()
-            .any(|r| r.schema() == Some("information_schema"));
+        // pg_catalog (the PostgreSQL wire's) lists the session's tables too.
+        let catalog_query = references.iter().any(|r| {
+            matches!(r.schema(), Some("information_schema" | "pg_catalog"))
+                || (r.schema().is_none() && r.table().starts_with("pg_"))
+        });
         if catalog_query {
             for schema in LAKE_SCHEMAS {
                 for name in self.lake.table_names(schema).await? {

@@ -13,10 +13,12 @@
 //! - `readonly`: the statement allow-list and the plan check behind it.
 //! - [`render`]: terminal table, CSV, JSON rows, Arrow IPC stream, Parquet.
 //! - [`api_router`] (`http`): `POST /sql`, mounted under `/api` by ingest.
+//! - [`serve_pg`] (`pg`): the PostgreSQL wire protocol on `CSMS_PG_ADDR`.
 
 mod catalog;
 mod engine;
 mod http;
+mod pg;
 mod readonly;
 pub mod render;
 
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use catalog::{LIVE_CONNECTOR_STATUS, LIVE_STATIONS, connector_status_schema, stations_schema};
 pub use engine::{QueryEngine, QueryResult};
 pub use http::api_router;
+pub use pg::{ANALYST_USER, PgAuth, serve as serve_pg};
 pub use render::{render_csv, render_json, render_table};
 
 /// Limits of the query engine (a `[query]`-style TOML table or defaults).
@@ -47,6 +50,9 @@ pub struct QueryConfig {
     /// Worker threads of the query runtime and DataFusion's partitions
     /// (0: the number of CPUs).
     pub threads: usize,
+    /// PostgreSQL wire logins besides `analyst` (whose password is the
+    /// admin token): user name → password.
+    pub pg_users: std::collections::HashMap<String, String>,
 }
 
 impl Default for QueryConfig {
@@ -57,6 +63,7 @@ impl Default for QueryConfig {
             max_rows: 1_000_000,
             max_staleness_ms: 1000,
             threads: 0,
+            pg_users: Default::default(),
         }
     }
 }

@@ -85,6 +85,8 @@ async fn workers_share_ports_and_status() {
         "{nodes:?}"
     );
     assert!(data.path().join("wal-w0").is_dir() && data.path().join("wal-w1").is_dir());
+    let log = std::fs::read_to_string(data.path().join("serve.log")).unwrap();
+    assert!(!log.contains("worker exited"), "a worker died:\n{log}");
 
     // SIGTERM stops every worker gracefully.
     let _ = Command::new("kill")
