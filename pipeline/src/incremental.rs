@@ -14,7 +14,6 @@ use deltalake::arrow::array::{
 };
 use deltalake::arrow::compute::{cast, filter_record_batch};
 use deltalake::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
-use deltalake::datafusion::datasource::MemTable;
 use deltalake::datafusion::prelude::SessionContext;
 use futures_util::StreamExt;
 
@@ -256,7 +255,7 @@ pub(crate) async fn merge_dedup(
     }
     ctx.register_table(
         "silver_new",
-        Arc::new(MemTable::try_new(schema.clone(), vec![vec![new_rows]])?),
+        Arc::new(lake::chunked_mem_table(ctx, schema, new_rows)?),
     )?;
     ctx.register_table("silver_cur", lake::provider(ctx, &table, loc).await?)?;
     let select = select_list(schema);

@@ -31,50 +31,25 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{Add, Remove, StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
-use url::Url;
 
 use crate::PipelineError;
 
 static REGISTER_S3: Once = Once::new();
 
-/// The table URI of `table` (e.g. `silver/status_events`) under the lake
-/// root: a local path, `file://` URL or object store URL (the same rules as
-/// ingest's lake writer, so both resolve a lake URL to the same tables).
+/// The location of `table` (e.g. `silver/status_events`) under the lake root,
+/// by the rule ingest's lake writer also uses
+/// (`schemas::tables::table_location`); registers the S3 object store
+/// handlers first when the lake is on S3.
 pub(crate) fn table_location(lake_url: &str, table: &str) -> Result<String, PipelineError> {
-    let bad = |reason: String| PipelineError::Url {
-        url: lake_url.to_string(),
-        reason,
-    };
-    if lake_url.contains("://") {
-        let url = Url::parse(lake_url).map_err(|e| bad(e.to_string()))?;
-        if url.scheme() == "file" {
-            let path = url
-                .to_file_path()
-                .map_err(|_| bad("not a local path".into()))?;
-            return Ok(path.join(table).to_string_lossy().into_owned());
-        }
-        if matches!(url.scheme(), "s3" | "s3a") {
-            REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
-        }
-        let base = if url.as_str().ends_with('/') {
-            url
-        } else {
-            Url::parse(&format!("{url}/")).map_err(|e| bad(e.to_string()))?
-        };
-        return Ok(base
-            .join(table)
-            .map_err(|e| bad(e.to_string()))?
-            .to_string());
+    let location =
+        schemas::tables::table_location(lake_url, table).map_err(|e| PipelineError::Url {
+            url: e.url,
+            reason: e.reason,
+        })?;
+    if location.starts_with("s3://") || location.starts_with("s3a://") {
+        REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
     }
-    let path = std::path::PathBuf::from(lake_url);
-    let path = if path.is_absolute() {
-        path
-    } else {
-        std::env::current_dir()
-            .map_err(|e| bad(e.to_string()))?
-            .join(path)
-    };
-    Ok(path.join(table).to_string_lossy().into_owned())
+    Ok(location)
 }
 
 pub(crate) fn delta_err(table: &str) -> impl Fn(DeltaTableError) -> PipelineError + '_ {
@@ -293,6 +268,38 @@ pub(crate) fn session(memory_limit_bytes: usize) -> Result<SessionContext, Pipel
         )))
         .build_arc()?;
     Ok(DeltaSessionContext::with_runtime_env(runtime).into_inner())
+}
+
+/// An in-memory table of `batch` cut into owned chunks of `CHUNK_ROWS` rows
+/// over the session's partitions. One huge batch cannot be spilled: a sort
+/// must reserve it whole, which fails under a bounded pool even when the
+/// data would fit in chunks. (Slices would share, and be charged for, the
+/// whole buffers, so the chunks are copies.)
+pub(crate) fn chunked_mem_table(
+    ctx: &SessionContext,
+    schema: &SchemaRef,
+    batch: RecordBatch,
+) -> Result<deltalake::datafusion::datasource::MemTable, PipelineError> {
+    const CHUNK_ROWS: usize = 8192;
+    let partitions = ctx.state().config().target_partitions().max(1);
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
+    let mut offset = 0;
+    let mut i = 0;
+    while offset < batch.num_rows() {
+        let len = CHUNK_ROWS.min(batch.num_rows() - offset);
+        let rows = deltalake::arrow::array::UInt32Array::from_iter_values(
+            (offset as u32)..((offset + len) as u32),
+        );
+        let chunk = deltalake::arrow::compute::take_record_batch(&batch, &rows)
+            .map_err(|e| PipelineError::Arrow(e.to_string()))?;
+        parts[i % partitions].push(chunk);
+        offset += len;
+        i += 1;
+    }
+    Ok(deltalake::datafusion::datasource::MemTable::try_new(
+        schema.clone(),
+        parts,
+    )?)
 }
 
 /// Casts and reorders `batch`'s columns (by name) to `schema`: DataFusion

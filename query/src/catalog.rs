@@ -44,32 +44,15 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('_')
 }
 
-/// The lake root as a URL ending in `/`: a local path (relative to the
-/// working directory), a `file://` URL or an object store URL, resolved as
-/// ingest's lake writer and the pipeline do.
+/// The lake root as a URL ending in `/`, resolved as ingest's lake writer and
+/// the pipeline do (`schemas::tables::lake_root`); registers the S3 object
+/// store handlers first when the lake is on S3.
 pub(crate) fn lake_root(lake_url: &str) -> Result<Url, String> {
-    let url = if lake_url.contains("://") {
-        let url = Url::parse(lake_url).map_err(|e| format!("{lake_url}: {e}"))?;
-        if matches!(url.scheme(), "s3" | "s3a") {
-            REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
-        }
-        url
-    } else {
-        let path = std::path::PathBuf::from(lake_url);
-        let path = if path.is_absolute() {
-            path
-        } else {
-            std::env::current_dir()
-                .map_err(|e| e.to_string())?
-                .join(path)
-        };
-        Url::from_directory_path(&path).map_err(|_| format!("{lake_url}: not a usable path"))?
-    };
-    if url.path().ends_with('/') {
-        Ok(url)
-    } else {
-        Url::parse(&format!("{url}/")).map_err(|e| format!("{lake_url}: {e}"))
+    let url = schemas::tables::lake_root(lake_url).map_err(|e| e.to_string())?;
+    if matches!(url.scheme(), "s3" | "s3a") {
+        REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
     }
+    Ok(url)
 }
 
 struct Cached<T> {

@@ -5,9 +5,11 @@
 //! Delta has no unsigned integers, so counts and sequence numbers are `Int64`;
 //! timestamps are microseconds in UTC, as Delta's `timestamp` type stores them.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use url::Url;
 
 /// `bronze.ocpp_messages`.
 pub const BRONZE_OCPP_MESSAGES: &str = "bronze/ocpp_messages";
@@ -32,6 +34,86 @@ pub const GOLD_FAULT_RANKING: &str = "gold/fault_ranking";
 pub const GOLD_BILLING: &str = "gold/billing";
 /// `gold.billing_statements` (per month per id token and currency).
 pub const GOLD_BILLING_STATEMENTS: &str = "gold/billing_statements";
+
+/// A lake URL that names no usable location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{url}: {reason}")]
+pub struct LocationError {
+    /// The lake URL as given.
+    pub url: String,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+/// A resolved lake root: local (absolute directory) or an object store URL
+/// whose path ends in `/` (so joining a table keeps the last segment).
+enum Root {
+    Local(PathBuf),
+    Remote(Url),
+}
+
+/// The one rule for reading a lake URL, shared by every writer and reader so
+/// they all resolve the same tables: a string with `://` is a URL (`file://`
+/// meaning a local directory), anything else a local path, relative to the
+/// working directory (the only environment this reads).
+fn resolve_root(lake_url: &str) -> Result<Root, LocationError> {
+    let bad = |reason: String| LocationError {
+        url: lake_url.to_string(),
+        reason,
+    };
+    if lake_url.contains("://") {
+        let mut url = Url::parse(lake_url).map_err(|e| bad(e.to_string()))?;
+        if url.scheme() == "file" {
+            let path = url
+                .to_file_path()
+                .map_err(|_| bad("not a local path".into()))?;
+            return Ok(Root::Local(path));
+        }
+        if url.cannot_be_a_base() {
+            return Err(bad("not a directory URL".into()));
+        }
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        return Ok(Root::Remote(url));
+    }
+    let path = PathBuf::from(lake_url);
+    if path.is_absolute() {
+        return Ok(Root::Local(path));
+    }
+    let cwd = std::env::current_dir().map_err(|e| bad(e.to_string()))?;
+    Ok(Root::Local(cwd.join(path)))
+}
+
+/// The lake root as a directory URL ending in `/` (local paths as absolute
+/// `file://` URLs), for listing the lake through an object store.
+pub fn lake_root(lake_url: &str) -> Result<Url, LocationError> {
+    match resolve_root(lake_url)? {
+        Root::Local(path) => Url::from_directory_path(&path).map_err(|_| LocationError {
+            url: lake_url.to_string(),
+            reason: "not a usable path".into(),
+        }),
+        Root::Remote(url) => Ok(url),
+    }
+}
+
+/// The location of `table` (e.g. [`BRONZE_OCPP_MESSAGES`]) under the lake
+/// root, for `deltalake::ensure_table_uri`. Local lakes give an absolute
+/// filesystem path, not a `file://` URL, because delta-rs creates a missing
+/// local table directory only for a path; object stores give a URL.
+pub fn table_location(lake_url: &str, table: &str) -> Result<String, LocationError> {
+    match resolve_root(lake_url)? {
+        Root::Local(path) => Ok(path.join(table).to_string_lossy().into_owned()),
+        Root::Remote(url) => url
+            .join(table)
+            .map(String::from)
+            .map_err(|e| LocationError {
+                url: lake_url.to_string(),
+                reason: e.to_string(),
+            }),
+    }
+}
 
 fn utc_micros() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -303,5 +385,67 @@ mod tests {
             names.dedup();
             assert_eq!(names.len(), n);
         }
+    }
+
+    #[test]
+    fn local_lakes_resolve_to_absolute_paths() {
+        assert_eq!(
+            table_location("/data/lake", BRONZE_OCPP_MESSAGES).unwrap(),
+            "/data/lake/bronze/ocpp_messages"
+        );
+        assert_eq!(
+            table_location("file:///data/lake/", GOLD_BILLING).unwrap(),
+            "/data/lake/gold/billing"
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            table_location("rel/lake", SILVER_TRANSACTIONS).unwrap(),
+            cwd.join("rel/lake/silver/transactions")
+                .to_string_lossy()
+                .into_owned()
+        );
+        assert_eq!(
+            lake_root("/data/lake").unwrap().as_str(),
+            "file:///data/lake/"
+        );
+        assert_eq!(
+            lake_root("file:///data/lake").unwrap().as_str(),
+            "file:///data/lake/"
+        );
+        assert!(
+            lake_root("rel/lake")
+                .unwrap()
+                .path()
+                .ends_with("/rel/lake/")
+        );
+    }
+
+    #[test]
+    fn object_store_lakes_keep_their_prefix() {
+        for lake in ["s3://bucket/prefix", "s3://bucket/prefix/"] {
+            assert_eq!(
+                table_location(lake, GOLD_FAULT_RANKING).unwrap(),
+                "s3://bucket/prefix/gold/fault_ranking"
+            );
+            assert_eq!(lake_root(lake).unwrap().as_str(), "s3://bucket/prefix/");
+        }
+        assert_eq!(
+            table_location("s3://bucket", BRONZE_OCPP_MESSAGES).unwrap(),
+            "s3://bucket/bronze/ocpp_messages"
+        );
+        // A query string stays a query string, not part of the table path.
+        assert_eq!(
+            lake_root("s3://bucket/p?region=x").unwrap().as_str(),
+            "s3://bucket/p/?region=x"
+        );
+    }
+
+    #[test]
+    fn unusable_lake_urls_are_errors() {
+        let e = table_location("s3://[bucket/lake", GOLD_BILLING).unwrap_err();
+        assert_eq!(e.url, "s3://[bucket/lake");
+        assert!(table_location("file://remote-host/lake", GOLD_BILLING).is_err());
+        assert!(table_location("a:b://c", GOLD_BILLING).is_err());
+        assert!(lake_root("not a url://x").is_err());
     }
 }

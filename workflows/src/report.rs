@@ -93,44 +93,20 @@ pub fn month_bounds(month: &str) -> Result<(NaiveDate, NaiveDate), ReportError> 
     Ok((first, next))
 }
 
-/// The table URI of `table` under the lake root: a local path, `file://` or
-/// object-store URL (the rules of the pipeline and the lake writer).
+/// The location of `table` under the lake root, by the rule of the pipeline
+/// and the lake writer (`schemas::tables::table_location`); registers the S3
+/// object store handlers first when the lake is on S3.
 fn table_location(lake_url: &str, table: &str) -> Result<String, ReportError> {
-    let bad = |reason: String| ReportError::LakeUrl {
-        url: lake_url.to_string(),
-        reason,
-    };
-    if lake_url.contains("://") {
-        let url = url::Url::parse(lake_url).map_err(|e| bad(e.to_string()))?;
-        if url.scheme() == "file" {
-            let path = url
-                .to_file_path()
-                .map_err(|_| bad("not a local path".into()))?;
-            return Ok(path.join(table).to_string_lossy().into_owned());
-        }
-        if matches!(url.scheme(), "s3" | "s3a") {
-            static REGISTER_S3: std::sync::Once = std::sync::Once::new();
-            REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
-        }
-        let base = if url.as_str().ends_with('/') {
-            url
-        } else {
-            url::Url::parse(&format!("{url}/")).map_err(|e| bad(e.to_string()))?
-        };
-        return Ok(base
-            .join(table)
-            .map_err(|e| bad(e.to_string()))?
-            .to_string());
+    let location =
+        schemas::tables::table_location(lake_url, table).map_err(|e| ReportError::LakeUrl {
+            url: e.url,
+            reason: e.reason,
+        })?;
+    if location.starts_with("s3://") || location.starts_with("s3a://") {
+        static REGISTER_S3: std::sync::Once = std::sync::Once::new();
+        REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
     }
-    let path = PathBuf::from(lake_url);
-    let path = if path.is_absolute() {
-        path
-    } else {
-        std::env::current_dir()
-            .map_err(|e| bad(e.to_string()))?
-            .join(path)
-    };
-    Ok(path.join(table).to_string_lossy().into_owned())
+    Ok(location)
 }
 
 fn lake_err(table: &str) -> impl Fn(String) -> ReportError + '_ {

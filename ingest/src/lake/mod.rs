@@ -43,7 +43,6 @@ use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
-use url::Url;
 
 use crate::wal::{self, SegmentInfo, WalError, WalHandle, WalRecord};
 
@@ -175,43 +174,19 @@ pub fn bronze_batch(node_id: &str, rows: &[(u64, WalRecord)]) -> Result<RecordBa
 
 static REGISTER_S3: Once = Once::new();
 
-/// The table URI (for `ensure_table_uri`) of `table` under the lake root: a
-/// local path, `file://` URL or object store URL.
+/// The location of `table` under the lake root (the rule shared with the
+/// pipeline and readers, `schemas::tables::table_location`); registers the
+/// S3 object store handlers first when the lake is on S3.
 fn table_location(lake_url: &str, table: &str) -> Result<String, LakeError> {
-    let bad = |reason: String| LakeError::Url {
-        url: lake_url.to_string(),
-        reason,
-    };
-    if lake_url.contains("://") {
-        let url = Url::parse(lake_url).map_err(|e| bad(e.to_string()))?;
-        if url.scheme() == "file" {
-            let path = url
-                .to_file_path()
-                .map_err(|_| bad("not a local path".into()))?;
-            return Ok(path.join(table).to_string_lossy().into_owned());
-        }
-        if matches!(url.scheme(), "s3" | "s3a") {
-            REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
-        }
-        let base = if url.as_str().ends_with('/') {
-            url
-        } else {
-            Url::parse(&format!("{url}/")).map_err(|e| bad(e.to_string()))?
-        };
-        return Ok(base
-            .join(table)
-            .map_err(|e| bad(e.to_string()))?
-            .to_string());
+    let location =
+        schemas::tables::table_location(lake_url, table).map_err(|e| LakeError::Url {
+            url: e.url,
+            reason: e.reason,
+        })?;
+    if location.starts_with("s3://") || location.starts_with("s3a://") {
+        REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
     }
-    let path = PathBuf::from(lake_url);
-    let path = if path.is_absolute() {
-        path
-    } else {
-        std::env::current_dir()
-            .map_err(|e| bad(e.to_string()))?
-            .join(path)
-    };
-    Ok(path.join(table).to_string_lossy().into_owned())
+    Ok(location)
 }
 
 fn delta_err(table: &str) -> impl Fn(DeltaTableError) -> LakeError + '_ {
