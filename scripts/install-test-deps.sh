@@ -2,7 +2,8 @@
 # Installs what the test suite needs beyond Rust: redis-server, the psql
 # client (Debian package postgresql-client), and the Python
 # packages the e2e tests drive (ocpp with its 1.6/2.0.1/2.1 modules,
-# websockets, deltalake, moto[server], aiosmtpd, pytest, psycopg[binary]). Idempotent and
+# websockets, deltalake, moto[server], aiosmtpd, pytest, psycopg[binary], and
+# nbclient, nbformat, ipykernel, pandas, matplotlib for the notebooks). Idempotent and
 # quiet when everything is present: a stamp keyed by this script's hash makes
 # reruns instant. Works when executed and when sourced (scripts/test does).
 
@@ -17,7 +18,7 @@ csms_install_test_deps() {
     # Cheap checks even with a stamp: a machine can lose packages.
     if [[ -f "$stamp" ]] && command -v redis-server >/dev/null 2>&1 \
         && command -v psql >/dev/null 2>&1 \
-        && "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, psycopg' >/dev/null 2>&1; then
+        && "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, psycopg, nbclient, pandas, matplotlib' >/dev/null 2>&1; then
         return 0
     fi
 
@@ -44,8 +45,10 @@ csms_install_test_deps() {
     fi
 
     # websockets>=14 for `additional_headers`; ocpp>=2.1 for ocpp.v21;
-    # deltalake>=1.0 for QueryBuilder without pyarrow.
-    local pkgs=("ocpp>=2.1" "websockets>=14" "deltalake>=1.0" "moto[server]>=5" "aiosmtpd>=1.4" "pytest>=8" "psycopg[binary]>=3.1")
+    # deltalake>=1.0 for QueryBuilder without pyarrow; the notebooks read SQL
+    # results as JSON into pandas, so they need no pyarrow either.
+    local pkgs=("ocpp>=2.1" "websockets>=14" "deltalake>=1.0" "moto[server]>=5" "aiosmtpd>=1.4" "pytest>=8" "psycopg[binary]>=3.1"
+        "nbclient>=0.10" "nbformat>=5.9" "ipykernel>=6.29" "pandas>=2.0" "matplotlib>=3.8")
     if ! "$python" - "${pkgs[@]}" >/dev/null 2>&1 <<'PY'
 import sys
 from importlib.metadata import version, PackageNotFoundError
@@ -68,7 +71,7 @@ PY
             || return 1
     fi
 
-    if ! "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, moto, aiosmtpd, psycopg' >/dev/null 2>&1; then
+    if ! "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, moto, aiosmtpd, psycopg, nbclient, ipykernel, pandas, matplotlib' >/dev/null 2>&1; then
         echo "install-test-deps: Python packages still missing after install (need ocpp with v16, v201 and v21)" >&2
         return 1
     fi

@@ -10,6 +10,7 @@ mod commands;
 mod durability;
 mod limits;
 mod liveness;
+mod notebooks;
 mod pgwire;
 mod policies;
 mod python_clients;
