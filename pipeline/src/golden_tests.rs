@@ -411,7 +411,7 @@ async fn fault_ranking_golden_incremental_and_idempotent() {
     let events = std::sync::Mutex::new(Vec::new());
     let progress = |e: ProgressEvent| events.lock().unwrap().push(e);
     let summary = run(lake, &config, &opts, &progress).await.unwrap();
-    assert_eq!(summary.tables.len(), 8, "{summary}");
+    assert_eq!(summary.tables.len(), 11, "{summary}");
     let silver = &summary.tables[0];
     // 28 status CALLs from chargers in bronze: A 10 (a5 twice), B 5, C 13;
     // 27 distinct.
@@ -430,7 +430,7 @@ async fn fault_ranking_golden_incremental_and_idempotent() {
                 .iter()
                 .filter(|e| matches!(e, ProgressEvent::TableDone(_)))
                 .count(),
-            8
+            11
         );
     }
 

@@ -24,6 +24,8 @@
 //! - [`silver`]: `silver.status_events` from bronze through the
 //!   [`schemas::adapter`] version adapters (the same mapping ingest uses).
 //! - [`gold`]: `gold.daily_faults` and `gold.fault_ranking`.
+//! - [`silver_misc`]: `silver.boots`, `silver.heartbeats` and
+//!   `silver.device_model`.
 //! - [`meter`]: `silver.meter_values` and `silver.transaction_events`.
 //! - [`transactions`]: `silver.transactions` (the fold, energy and flags).
 //! - [`gold_tx`]: `gold.transactions_completed` and
@@ -49,12 +51,15 @@ mod incremental;
 pub mod lake;
 pub mod meter;
 pub mod silver;
+pub mod silver_misc;
 pub mod simulate;
 pub mod tariffs;
 pub mod transactions;
 
 #[cfg(test)]
 mod golden_billing_tests;
+#[cfg(test)]
+mod golden_misc_tests;
 #[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
@@ -254,6 +259,16 @@ pub async fn run(
         progress(ProgressEvent::StageStarted(Stage::Silver));
         progress(ProgressEvent::TableStarted(silver::TABLE.into()));
         done(silver::status_events(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(silver_misc::BOOTS_TABLE.into()));
+        done(silver_misc::boots(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(
+            silver_misc::HEARTBEATS_TABLE.into(),
+        ));
+        done(silver_misc::heartbeats(&ctx, lake_url, config, opts).await?);
+        progress(ProgressEvent::TableStarted(
+            silver_misc::DEVICE_MODEL_TABLE.into(),
+        ));
+        done(silver_misc::device_model(&ctx, lake_url, config, opts).await?);
         progress(ProgressEvent::TableStarted(meter::METER_TABLE.into()));
         done(meter::meter_values(&ctx, lake_url, config, opts).await?);
         progress(ProgressEvent::TableStarted(meter::EVENTS_TABLE.into()));

@@ -22,6 +22,12 @@ pub const SILVER_METER_VALUES: &str = "silver/meter_values";
 pub const SILVER_TRANSACTION_EVENTS: &str = "silver/transaction_events";
 /// `silver.transactions`.
 pub const SILVER_TRANSACTIONS: &str = "silver/transactions";
+/// `silver.boots`.
+pub const SILVER_BOOTS: &str = "silver/boots";
+/// `silver.heartbeats` (hourly counts).
+pub const SILVER_HEARTBEATS: &str = "silver/heartbeats";
+/// `silver.device_model` (2.x NotifyReport attributes).
+pub const SILVER_DEVICE_MODEL: &str = "silver/device_model";
 /// `gold.transactions_completed` (per-transaction detail).
 pub const GOLD_TRANSACTIONS_COMPLETED: &str = "gold/transactions_completed";
 /// `gold.completed_transactions` (per station per day).
@@ -253,6 +259,65 @@ pub fn transactions_schema() -> SchemaRef {
     ]))
 }
 
+/// `silver.boots`, partitioned by `date` (UTC date of `event_time`): one row
+/// per BootNotification, deduplicated on (date, station_id, message_id).
+/// `event_time` is `received_at`: BootNotification carries no timestamp.
+pub fn boots_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("vendor", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("serial_number", DataType::Utf8, true),
+        Field::new("firmware_version", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("event_time", utc_micros(), false),
+        Field::new("received_at", utc_micros(), false),
+        Field::new("ocpp_version", DataType::Utf8, false),
+        Field::new("message_id", DataType::Utf8, false),
+    ]))
+}
+
+/// `silver.heartbeats`, partitioned by `date`: per station and UTC hour
+/// (`hour`, the received time truncated to the hour), the number of distinct
+/// Heartbeat message ids received.
+pub fn heartbeats_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("hour", utc_micros(), false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("heartbeats", DataType::Int64, false),
+    ]))
+}
+
+/// `silver.device_model`, partitioned by `date` (UTC date of `reported_at`,
+/// the payload's `generatedAt`, else `received_at`): one row per (component,
+/// variable, attribute) a 2.x NotifyReport carried. `attribute_index` is the
+/// attribute's position in the message; deduplication is keyed on (date,
+/// station_id, message_id, attribute_index).
+pub fn device_model_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("component", DataType::Utf8, false),
+        Field::new("component_instance", DataType::Utf8, true),
+        Field::new("evse_id", DataType::Int32, true),
+        Field::new("connector_id", DataType::Int32, true),
+        Field::new("variable", DataType::Utf8, false),
+        Field::new("variable_instance", DataType::Utf8, true),
+        Field::new("attribute_type", DataType::Utf8, false),
+        Field::new("value", DataType::Utf8, true),
+        Field::new("mutability", DataType::Utf8, true),
+        Field::new("reported_at", utc_micros(), false),
+        Field::new("received_at", utc_micros(), false),
+        Field::new("request_id", DataType::Int64, true),
+        Field::new("seq_no", DataType::Int64, true),
+        Field::new("ocpp_version", DataType::Utf8, false),
+        Field::new("message_id", DataType::Utf8, false),
+        Field::new("attribute_index", DataType::Int32, false),
+    ]))
+}
+
 /// `gold.transactions_completed`, partitioned by `date` (UTC date of
 /// `stopped_at`): one row per completed transaction. `energy_kwh` is null
 /// where `energy_flag` is set.
@@ -377,6 +442,9 @@ mod tests {
             (completed_transactions_schema(), "date"),
             (billing_schema(), "date"),
             (billing_statements_schema(), "month"),
+            (boots_schema(), "date"),
+            (heartbeats_schema(), "date"),
+            (device_model_schema(), "date"),
         ] {
             assert!(schema.field_with_name(partition).is_ok());
             let mut names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
