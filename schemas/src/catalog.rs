@@ -146,7 +146,8 @@ pub enum CatalogError {
 
 /// Every action of every supported version.
 pub struct Catalog {
-    actions: HashMap<(OcppVersion, String), ActionSpec>,
+    /// By version, then action name: looked up by `&str` on every frame.
+    actions: HashMap<OcppVersion, HashMap<String, ActionSpec>>,
 }
 
 impl Catalog {
@@ -189,8 +190,8 @@ impl Catalog {
                     None => None,
                 };
                 let initiator = initiator_of(version, &action);
-                actions.insert(
-                    (version, action.clone()),
+                actions.entry(version).or_insert_with(HashMap::new).insert(
+                    action.clone(),
                     ActionSpec {
                         action,
                         initiator,
@@ -206,18 +207,16 @@ impl Catalog {
     }
 
     pub fn get(&self, version: OcppVersion, action: &str) -> Option<&ActionSpec> {
-        // Avoids allocating a key String on the hot path for the common case.
-        self.actions.get(&(version, action.to_string()))
+        self.actions.get(&version)?.get(action)
     }
 
     /// All actions of a version, sorted by name.
     pub fn actions(&self, version: OcppVersion) -> Vec<&ActionSpec> {
         let mut v: Vec<&ActionSpec> = self
             .actions
-            .iter()
-            .filter(|((ver, _), _)| *ver == version)
-            .map(|(_, s)| s)
-            .collect();
+            .get(&version)
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
         v.sort_by(|a, b| a.action.cmp(&b.action));
         v
     }
