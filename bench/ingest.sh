@@ -6,8 +6,9 @@
 #   bench/ingest.sh [--debug] [--no-build] [--stations N] [--mode MODE]
 #                   [--duration SECS] [--processes P] [--workers W]
 #                   [-- extra loadgen args]
-# --workers W runs `csms serve --workers W` with a throw-away redis-server
-# (RSS per connection is then reported for the supervising process only).
+# --workers W runs `csms serve --workers W` with a throw-away redis-server;
+# server RSS is then summed over the supervisor and its W workers, and the
+# redis-server's RSS is printed after the table.
 #
 # MODE is sustained (default, with --rate), saturation, storm or schedule.
 # Examples:
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --processes) PROCESSES=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -99,7 +100,12 @@ OCPP_PORT=$(free_port); HTTP_PORT=$(free_port); PG_PORT=$(free_port)
 # redis-server; one process alone is capped near 19,800 sockets here.
 SERVE_ARGS=(serve)
 REDIS_ENV=(-u REDIS_URL)
+MAX_CONN=200000
 if [ "$WORKERS" -gt 1 ]; then
+  # Each worker may hold ~20,000 descriptors: past this it answers 503 (the
+  # station retries and usually lands on another worker) instead of failing
+  # accept() with EMFILE.
+  MAX_CONN=19500
   REDIS_PORT=$(free_port)
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
@@ -115,7 +121,7 @@ env "${REDIS_ENV[@]}" \
   CSMS_ALLOW_UNKNOWN=true \
   CSMS_LIMITS__MESSAGES_PER_STATION_PER_SEC=0 \
   CSMS_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
-  CSMS_LIMITS__MAX_CONNECTIONS=200000 \
+  CSMS_LIMITS__MAX_CONNECTIONS=$MAX_CONN \
   RUST_LOG=${RUST_LOG:-warn} \
   "$CSMS" "${SERVE_ARGS[@]}" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
@@ -126,6 +132,18 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 
+# /readyz answers as soon as one worker is up: wait for every worker to
+# listen, then let their memory settle before the "RSS before" reading.
+if [ "$WORKERS" -gt 1 ]; then
+  for _ in $(seq 1 600); do
+    n=$(ss -Hltn "sport = :$OCPP_PORT" 2>/dev/null | wc -l)
+    [ "$n" -ge "$WORKERS" ] && break
+    sleep 0.1
+  done
+  for _ in $(seq 1 50); do curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1; done
+  sleep 3
+fi
+
 echo "csms $PROFILE build, $WORKERS server worker(s), $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
 # Hard time bound: connect phase + run + slack.
 timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
@@ -133,6 +151,9 @@ timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --stations "$STATIONS" --mode "$MODE" --duration-secs "$DURATION" \
   --processes "$PROCESSES" --source-ips "$SOURCE_IPS" \
   --server-pid "$SERVER_PID" "${EXTRA[@]}"
+if [ -f "$WORK/redis.pid" ]; then
+  echo "| redis-server RSS after the run | $(awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/redis.pid")/status") KiB"
+fi
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
   echo "csms serve died during the run:" >&2; tail -40 "$WORK/server.log" >&2; exit 1
 fi

@@ -122,7 +122,12 @@ fault_tables = ("silver.status_events", "gold.daily_faults", "gold.fault_ranking
 missing = [t for t in fault_tables if t not in tables]
 if missing or total is None:
     sys.exit(f"could not read the pipeline summary (missing {missing}); see {work}/pipeline.txt")
-rust_faults = sum(tables[t][2] for t in fault_tables)
+# The silver stage reads and decodes bronze once for all silver tables and
+# reports that shared pass as its own line; the fault slice needs it, so it
+# is charged in full to the slice (an overstatement: the pass also decodes
+# meter values and transactions for the other tables).
+shared_scan = tables.get("bronze.ocpp_messages", (0, 0, 0.0))[2]
+rust_faults = sum(tables[t][2] for t in fault_tables) + shared_scan
 duck_s = duck["seconds"]
 print()
 print(f"pipeline benchmark: {stations} stations x {days} days, {rows:,} bronze messages "
@@ -130,7 +135,7 @@ print(f"pipeline benchmark: {stations} stations x {days} days, {rows:,} bronze m
 print(f"{'engine':<34} {'bronze rows':>12} {'seconds':>9} {'rows/s':>12}")
 def line(name, s):
     print(f"{name:<34} {rows:>12,} {s:>9.2f} {rows / s if s > 0 else float('inf'):>12,.0f}")
-line("csms: fault slice (3 tables)", rust_faults)
+line("csms: fault slice (3 tables + scan)", rust_faults)
 line("duckdb: fault slice (3 tables)", duck_s)
 line("csms: whole pipeline run", total)
 line("csms: pipeline run incl. startup", t3 - t2)
@@ -145,7 +150,8 @@ print(f"results: fault_ranking rows csms={c['fault_ranking_rows_rust']} duckdb={
 print("notes: duckdb reads the files of bronze's current Delta snapshot (log replay; simulate only "
       "appends, so that is every file) and writes Parquet; csms writes Delta tables with "
       "incremental bookkeeping. The csms fault slice is the sum of its three tables' job times "
-      "from the pipeline summary; the whole run also builds meter values and transactions, "
-      "which the DuckDB script does not.")
+      "from the pipeline summary plus the whole shared bronze scan (which decodes every silver "
+      "table's messages); the whole run also builds meter values and transactions, which the "
+      "DuckDB script does not.")
 sys.exit(0 if c["equal"] else 1)
 EOF

@@ -2,6 +2,8 @@
 //! lives in a library crate; this file parses arguments, loads the
 //! configuration and reports errors in words that say what to fix.
 
+mod workflows_cli;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -61,6 +63,9 @@ enum Command {
     /// Render (and mail) reports.
     #[command(subcommand)]
     Report(ReportCmd),
+    /// Scheduled workflows (workflows/*.toml): list them, run one now, see their history.
+    #[command(subcommand)]
+    Workflows(workflows_cli::WorkflowsCmd),
     /// Simulate charging stations against a CSMS and print throughput, latency and server RSS.
     Loadgen(loadgen::LoadgenArgs),
     /// Write a simulated bronze history (1.6 and 2.0.1 stations, sessions, faults) into the lake.
@@ -256,6 +261,14 @@ fn real_main() -> Result<()> {
         Some(s) => s.try_into().context("invalid [smtp] configuration")?,
         None => Default::default(),
     };
+    let workflows_cfg: workflows::WorkflowsConfig = match table.remove("workflows") {
+        Some(s) => s.try_into().context("invalid [workflows] configuration")?,
+        None => Default::default(),
+    };
+    let alerts_cfg: workflows::alerts::AlertsConfig = match table.remove("alerts") {
+        Some(s) => s.try_into().context("invalid [alerts] configuration")?,
+        None => Default::default(),
+    };
     let mut config = Config::from_table(table).context("loading configuration")?;
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
@@ -266,22 +279,33 @@ fn real_main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.command, config, pipeline_cfg, smtp_cfg, query_cfg))
+    let settings = workflows_cli::Settings {
+        workflows: workflows_cfg,
+        alerts: alerts_cfg,
+        pipeline: pipeline_cfg,
+        smtp: smtp_cfg,
+    };
+    runtime.block_on(run(cli.command, config, settings, query_cfg))
 }
 
 async fn run(
     command: Command,
     config: Config,
-    pipeline_cfg: pipeline::PipelineConfig,
-    smtp_cfg: workflows::SmtpConfig,
+    settings: workflows_cli::Settings,
     query_cfg: query::QueryConfig,
 ) -> Result<()> {
+    let pipeline_cfg = settings.pipeline.clone();
+    let smtp_cfg = settings.smtp.clone();
     match command {
         Command::Serve { workers: Some(n) } if n > 1 => run_workers(n, &config).await,
         Command::Serve { .. } | Command::Ingest => {
             let with_sql = matches!(command, Command::Serve { .. });
+            if with_sql {
+                workflows_cli::validate_for_serve(&settings)?;
+            }
             let lake_url = config.lake_url()?;
             let lake_opts = config.lake.storage_options.clone();
+            let wf_config = config.clone();
             let pg_addr = config.pg_addr;
             let reuse_port = config.worker_index.is_some();
             // The same token guards HTTP and the PostgreSQL wire.
@@ -316,6 +340,16 @@ async fn run(
                     auth,
                     running.shutdown.clone(),
                 ));
+            }
+            if with_sql {
+                workflows_cli::start_in_serve(
+                    &wf_config,
+                    &settings,
+                    running.node.status.clone(),
+                    running.router.clone(),
+                    running.shutdown.clone(),
+                )
+                .await?;
             }
             let shutdown = running.shutdown.clone();
             tokio::spawn(async move {
@@ -396,6 +430,7 @@ async fn run(
             }
             Ok(())
         }
+        Command::Workflows(cmd) => workflows_cli::command(cmd, &config, &settings).await,
         Command::Simulate(args) => simulate(&config, args).await,
         Command::Loadgen(args) => {
             print!("{}", loadgen::run(args).await?);

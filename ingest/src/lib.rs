@@ -36,8 +36,10 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod status;
-#[cfg(test)]
-mod test_redis;
+/// Test support for this and other crates: a throwaway redis-server.
+#[doc(hidden)]
+pub mod test_redis;
 pub mod tls;
 pub mod txid;
 pub mod wal;
+pub mod ws;

@@ -53,6 +53,9 @@ pub struct Running {
     pub ocpp_tls_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub shutdown: CancellationToken,
+    /// Sends CSMS-initiated CALLs to stations on any node (the scheduler's
+    /// command jobs use it, as the HTTP API does).
+    pub router: crate::router::CommandRouter,
     tasks: Vec<JoinHandle<()>>,
     lake_task: JoinHandle<()>,
     _wal: Wal,
@@ -226,7 +229,7 @@ pub async fn start_with(
     let extra = extra_api(&node);
     let app = http::router_with(
         ApiState {
-            router,
+            router: router.clone(),
             node: node.clone(),
             admin_token: admin_token.into(),
             metrics,
@@ -261,6 +264,7 @@ pub async fn start_with(
         ocpp_tls_addr,
         http_addr,
         shutdown,
+        router,
         tasks,
         lake_task,
         _wal: wal,

@@ -20,10 +20,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
-};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -35,6 +32,7 @@ use crate::{
     session::{self, Sessions},
     status::StatusStore,
     wal::WalHandle,
+    ws::WsConn,
 };
 
 /// Everything one ingest node shares between its connections.
@@ -82,20 +80,31 @@ pub async fn serve(
     }
 }
 
-/// Decrements the connection count when a connection ends, however it ends.
-struct ConnGuard<'a>(&'a AtomicUsize);
-impl Drop for ConnGuard<'_> {
+/// Counts a connection from accept until its session ends, however it ends.
+pub struct ConnGuard(Arc<Node>);
+
+impl ConnGuard {
+    /// Counts a new connection; returns the guard and the count with it.
+    pub(crate) fn new(node: &Arc<Node>) -> (Self, usize) {
+        let count = node.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("csms_connections").increment(1.0);
+        (ConnGuard(node.clone()), count)
+    }
+}
+
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("csms_connections").decrement(1.0);
     }
 }
 
+/// Upgrades one connection, then hands it to a session task of its own: the
+/// session task is then sized for the session alone, not for the handshake
+/// (nor, on plain TCP, for the TLS variant of this function).
 async fn accept_one(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
     let _ = tcp.set_nodelay(true);
-    let count = node.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    metrics::gauge!("csms_connections").increment(1.0);
-    let _guard = ConnGuard(&node.connections);
+    let (guard, count) = ConnGuard::new(&node);
     if count > node.config.limits.max_connections {
         record_limit("connections");
         let mut tcp = tcp;
@@ -103,7 +112,11 @@ async fn accept_one(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, tls: Opti
         return;
     }
     match tls {
-        None => handshake(node.clone(), tcp, peer, None).await,
+        None => {
+            if let Some((ws, up)) = handshake(&node, tcp, peer, None).await {
+                start_session(node, ws, up, guard);
+            }
+        }
         Some(acceptor) => {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -120,9 +133,18 @@ async fn accept_one(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, tls: Opti
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| crate::tls::station_from_client_cert(c.as_ref()));
-            handshake(node.clone(), stream, peer, cert_station).await
+            if let Some((ws, up)) = handshake(&node, stream, peer, cert_station).await {
+                start_session(node, ws, up, guard);
+            }
         }
     }
+}
+
+fn start_session<S>(node: Arc<Node>, ws: WsConn<S>, up: Upgrade, guard: ConnGuard)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(session::run(node, ws, up.station_id, up.version, guard));
 }
 
 /// An HTTP refusal at the upgrade.
@@ -146,26 +168,29 @@ struct Upgrade {
     ws_key: String,
 }
 
+/// The HTTP upgrade: answers 101 and returns the WebSocket, or answers
+/// the refusal and returns `None`.
 async fn handshake<S>(
-    node: Arc<Node>,
+    node: &Arc<Node>,
     mut stream: S,
     peer: SocketAddr,
     cert_station: Option<String>,
-) where
+) -> Option<(WsConn<S>, Upgrade)>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let head = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(r)) => {
-            let _ = write_refusal(&mut stream, r.status, &r.reason).await;
-            return;
-        }
-        Err(_) => return,
-    };
-    let (head_len, leftover) = head;
+    let (head_len, mut received) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(r)) => {
+                let _ = write_refusal(&mut stream, r.status, &r.reason).await;
+                return None;
+            }
+            Err(_) => return None,
+        };
     let upgrade = match check_upgrade(
-        &node,
-        &leftover[..head_len],
+        node,
+        &received[..head_len],
         peer.ip(),
         cert_station.as_deref(),
     )
@@ -177,7 +202,7 @@ async fn handshake<S>(
             metrics::counter!("csms_upgrades_refused_total", "status" => r.status.to_string())
                 .increment(1);
             let _ = write_refusal(&mut stream, r.status, &r.reason).await;
-            return;
+            return None;
         }
     };
     let response = format!(
@@ -186,20 +211,21 @@ async fn handshake<S>(
         upgrade.version.subprotocol()
     );
     if stream.write_all(response.as_bytes()).await.is_err() || stream.flush().await.is_err() {
-        return;
+        return None;
     }
-    let rest = leftover[head_len..].to_vec();
-    let max = node.config.limits.max_frame_bytes;
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(node.config.ocpp.read_buffer_bytes)
-        .write_buffer_size(0)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    let ws =
-        WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config)).await;
+    // Frames the station sent right behind its request; usually none, and
+    // then nothing stays allocated.
+    let rest = if received.len() > head_len {
+        received.drain(..head_len);
+        received.shrink_to_fit();
+        received
+    } else {
+        Vec::new()
+    };
+    let ws = WsConn::new(stream, rest, node.config.limits.max_frame_bytes);
     metrics::counter!("csms_upgrades_total", "version" => upgrade.version.as_str()).increment(1);
     info!(station = %upgrade.station_id, version = %upgrade.version, %peer, "station connected");
-    session::run(node, ws, upgrade.station_id, upgrade.version).await;
+    Some((ws, upgrade))
 }
 
 /// Reads the HTTP request head; returns its length and every byte read so far.

@@ -3,6 +3,13 @@
 //! CSMS-initiated CALLs (one outstanding at a time, as OCPP-J requires),
 //! matches their answers by message id, and pings the socket so that dead
 //! connections are noticed.
+//!
+//! Memory per idle station is what limits a node (100,000 chargers mostly
+//! wait minutes between messages), so the task is kept small while it
+//! waits: the socket holds no buffer between messages ([`crate::ws`]), the
+//! work done for a message runs in a future boxed only while it runs, one
+//! timer serves both the ping and the CALL deadline, and commands arrive
+//! through a mailbox that allocates nothing until used.
 
 use std::{
     collections::VecDeque,
@@ -12,28 +19,21 @@ use std::{
 
 use chrono::Utc;
 use dashmap::DashMap;
-use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
 use schemas::{ErrorKind, Frame, MessageType, OcppVersion, adapter, events::CoreEvent};
 use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, oneshot},
-};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Error as WsError, Message,
-        error::CapacityError,
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
+    sync::{Notify, oneshot},
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     limits::{BadFrameCounter, TokenBucket, record_limit},
-    server::Node,
+    server::{ConnGuard, Node},
     status::ConnectorStatus,
     wal::{Direction, WalRecord},
+    ws::{self, Incoming, WsConn, WsError},
 };
 
 /// The live sessions of this node, by station id.
@@ -44,8 +44,13 @@ pub type Sessions = Arc<DashMap<String, SessionHandle>>;
 pub struct SessionHandle {
     pub conn_id: u64,
     pub version: OcppVersion,
-    tx: mpsc::Sender<SessionCmd>,
+    mailbox: Arc<Mailbox>,
 }
+
+/// Commands waiting for a session beyond this many are refused as Busy.
+const MAILBOX_CAPACITY: usize = 16;
+/// How long a closing socket waits for the station's side of the close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 enum SessionCmd {
     Call {
@@ -55,6 +60,62 @@ enum SessionCmd {
     },
     /// A newer connection of the same station took over.
     Replaced,
+}
+
+/// A bounded command queue into one session: an empty `VecDeque` and a
+/// `Notify` cost a few dozen bytes, where a channel preallocates a block of
+/// slots per station.
+#[derive(Default)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    cmds: VecDeque<SessionCmd>,
+    closed: bool,
+}
+
+enum PostError {
+    Full,
+    Closed,
+}
+
+impl Mailbox {
+    fn post(&self, cmd: SessionCmd) -> Result<(), PostError> {
+        {
+            let mut st = self.state.lock();
+            if st.closed {
+                return Err(PostError::Closed);
+            }
+            if st.cmds.len() >= MAILBOX_CAPACITY {
+                return Err(PostError::Full);
+            }
+            st.cmds.push_back(cmd);
+        }
+        // Stores a permit when the session is not waiting, so none is lost.
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// The next command. Cancel safe.
+    async fn recv(&self) -> SessionCmd {
+        loop {
+            let next = self.state.lock().cmds.pop_front();
+            if let Some(cmd) = next {
+                return cmd;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// Refuses further commands; returns those still queued.
+    fn close(&self) -> VecDeque<SessionCmd> {
+        let mut st = self.state.lock();
+        st.closed = true;
+        std::mem::take(&mut st.cmds)
+    }
 }
 
 /// The station's answer to a CSMS-initiated CALL.
@@ -120,15 +181,15 @@ pub async fn call(
         })?;
     let (reply, answer) = oneshot::channel();
     handle
-        .tx
-        .try_send(SessionCmd::Call {
+        .mailbox
+        .post(SessionCmd::Call {
             action: action.to_string(),
             payload,
             reply,
         })
         .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CallFailure::Busy,
-            mpsc::error::TrySendError::Closed(_) => CallFailure::Disconnected,
+            PostError::Full => CallFailure::Busy,
+            PostError::Closed => CallFailure::Disconnected,
         })?;
     answer.await.unwrap_or(Err(CallFailure::Disconnected))
 }
@@ -151,153 +212,212 @@ type Queued = (
 
 enum Flow {
     Continue,
-    Close(CloseCode, &'static str),
+    Close(u16, &'static str),
+}
+
+/// What woke the session up.
+enum Event {
+    Frame(Result<Incoming, WsError>),
+    Cmd(SessionCmd),
+    Timer,
 }
 
 struct Session<S> {
     node: Arc<Node>,
-    ws: WebSocketStream<S>,
+    ws: WsConn<S>,
     station: String,
     version: OcppVersion,
-    pending: Option<Pending>,
+    /// Boxed: rare, and an idle session should not carry its size.
+    pending: Option<Box<Pending>>,
     queue: VecDeque<Queued>,
     bucket: TokenBucket,
     bad_frames: BadFrameCounter,
     last_rx: Instant,
+    conn_id: u64,
+    mailbox: Arc<Mailbox>,
+    _conn: ConnGuard,
 }
 
-/// Runs a station's session until the socket closes, goes silent, or a newer
-/// connection of the same station replaces it.
-pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, station: String, version: OcppVersion)
+/// Registers a station's session and returns the future that runs it until
+/// the socket closes, goes silent, or a newer connection of the same
+/// station replaces it. `conn` counts the connection until the session
+/// ends. Not an `async fn`: its arguments would stay in the future next to
+/// the [`Session`] built from them, for the whole life of the connection.
+pub fn run<S>(
+    node: Arc<Node>,
+    ws: WsConn<S>,
+    station: String,
+    version: OcppVersion,
+    conn: ConnGuard,
+) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = node.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel(16);
+    let mailbox = Arc::new(Mailbox::default());
     if let Some(old) = node.sessions.insert(
         station.clone(),
         SessionHandle {
             conn_id,
             version,
-            tx,
+            mailbox: mailbox.clone(),
         },
     ) {
         metrics::counter!("csms_sessions_replaced_total").increment(1);
-        let _ = old.tx.try_send(SessionCmd::Replaced);
+        let _ = old.mailbox.post(SessionCmd::Replaced);
     }
     node.status
         .connected(&station, &node.node_id, version.as_str(), Utc::now());
     metrics::gauge!("csms_sessions").increment(1.0);
 
     let limits = &node.config.limits;
-    let mut s = Session {
+    let s = Session {
         bucket: TokenBucket::new(
             limits.messages_per_station_per_sec,
             limits.message_burst_per_station,
         ),
         bad_frames: BadFrameCounter::new(limits),
-        node: node.clone(),
+        node,
         ws,
-        station: station.clone(),
+        station,
         version,
         pending: None,
         queue: VecDeque::new(),
         last_rx: Instant::now(),
+        conn_id,
+        mailbox,
+        _conn: conn,
     };
-    let ping_every = Duration::from_secs(node.config.ocpp.ping_interval_secs);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    drive(s)
+}
 
+async fn drive<S>(mut s: Session<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ping_every = Duration::from_secs(s.node.config.ocpp.ping_interval_secs);
+    let mut next_ping = tokio::time::Instant::now() + ping_every;
+
+    // Everything awaited below the `select!` is boxed: an async fn is as
+    // large as its largest await point, and this one waits idle for hours.
     let reason = loop {
         let deadline = s.pending.as_ref().map(|p| p.deadline);
-        let flow = tokio::select! {
-            msg = s.ws.next() => match msg {
-                None => break "closed by station",
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                    record_limit("frame_size");
-                    warn!(station = %s.station, size, max_size, "frame over the size limit: closing");
-                    Flow::Close(CloseCode::Size, "frame too large")
+        let wake = deadline.map_or(next_ping, |d| d.min(next_ping));
+        let event = tokio::select! {
+            r = s.ws.read() => Event::Frame(r),
+            cmd = s.mailbox.recv() => Event::Cmd(cmd),
+            () = tokio::time::sleep_until(wake) => Event::Timer,
+        };
+        let flow = match event {
+            Event::Frame(Ok(m)) => {
+                s.last_rx = Instant::now();
+                match m {
+                    Incoming::Text(t) => Box::pin(s.on_text(&t)).await,
+                    Incoming::Binary(_) => {
+                        Box::pin(s.on_unparseable("binary frames are not OCPP-J")).await
+                    }
+                    Incoming::Ping(p) => {
+                        if Box::pin(s.ws.send_pong(&p)).await.is_err() {
+                            break "socket error";
+                        }
+                        Flow::Continue
+                    }
+                    Incoming::Pong => Flow::Continue,
+                    Incoming::Close(c) => {
+                        Box::pin(s.ws.answer_close(c.map(|(code, _)| code), CLOSE_LINGER)).await;
+                        break "closed by station";
+                    }
                 }
-                Some(Err(e)) => {
+            }
+            Event::Frame(Err(e)) => match e {
+                WsError::TooLarge { size, max } => {
+                    record_limit("frame_size");
+                    warn!(station = %s.station, size, max, "frame over the size limit: closing");
+                    Flow::Close(ws::CLOSE_TOO_BIG, "frame too large")
+                }
+                WsError::Protocol(why) => {
+                    debug!(station = %s.station, why, "WebSocket protocol error: closing");
+                    Flow::Close(ws::CLOSE_PROTOCOL, why)
+                }
+                WsError::InvalidUtf8 => {
+                    debug!(station = %s.station, "text frame is not UTF-8: closing");
+                    Flow::Close(ws::CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
+                }
+                WsError::Eof => break "closed by station without a close frame",
+                WsError::Io(e) => {
                     debug!(station = %s.station, error = %e, "socket error");
                     break "socket error";
                 }
-                Some(Ok(m)) => {
-                    s.last_rx = Instant::now();
-                    match m {
-                        Message::Text(t) => s.on_text(t.as_str()).await,
-                        Message::Binary(_) => s.on_unparseable("binary frames are not OCPP-J").await,
-                        Message::Close(_) => break "closed by station",
-                        _ => Flow::Continue,
-                    }
-                }
             },
-            cmd = rx.recv() => match cmd {
-                Some(SessionCmd::Call { action, payload, reply }) => {
-                    if s.queue.len() >= 64 {
-                        let _ = reply.send(Err(CallFailure::Busy));
-                    } else {
-                        s.queue.push_back((action, payload, reply));
-                    }
-                    s.start_next_call().await;
-                    Flow::Continue
+            Event::Cmd(SessionCmd::Call {
+                action,
+                payload,
+                reply,
+            }) => {
+                if s.queue.len() >= 64 {
+                    let _ = reply.send(Err(CallFailure::Busy));
+                } else {
+                    s.queue.push_back((action, payload, reply));
                 }
-                Some(SessionCmd::Replaced) | None => Flow::Close(CloseCode::Policy, "replaced by a newer connection"),
-            },
-            _ = ping.tick() => {
-                if s.last_rx.elapsed() > ping_every * 2 {
-                    metrics::counter!("csms_dead_connections_total").increment(1);
-                    break "no pong: connection dead";
-                }
-                if s.ws.send(Message::Ping(Default::default())).await.is_err() {
-                    break "socket error";
-                }
+                Box::pin(s.start_next_call()).await;
                 Flow::Continue
             }
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                if let Some(p) = s.pending.take() {
-                    let timeout = Duration::from_secs(s.node.config.ocpp.call_timeout_secs);
-                    let _ = p.reply.send(Err(CallFailure::Timeout(timeout)));
-                    metrics::counter!("csms_call_timeouts_total").increment(1);
+            Event::Cmd(SessionCmd::Replaced) => {
+                Flow::Close(ws::CLOSE_POLICY, "replaced by a newer connection")
+            }
+            Event::Timer => {
+                let now = tokio::time::Instant::now();
+                if deadline.is_some_and(|d| d <= now) {
+                    if let Some(p) = s.pending.take() {
+                        let timeout = Duration::from_secs(s.node.config.ocpp.call_timeout_secs);
+                        let _ = p.reply.send(Err(CallFailure::Timeout(timeout)));
+                        metrics::counter!("csms_call_timeouts_total").increment(1);
+                    }
+                    Box::pin(s.start_next_call()).await;
                 }
-                s.start_next_call().await;
+                if next_ping <= now {
+                    if s.last_rx.elapsed() > ping_every * 2 {
+                        metrics::counter!("csms_dead_connections_total").increment(1);
+                        break "no pong: connection dead";
+                    }
+                    if Box::pin(s.ws.send_ping()).await.is_err() {
+                        break "socket error";
+                    }
+                    next_ping = tokio::time::Instant::now() + ping_every;
+                }
                 Flow::Continue
             }
         };
         if let Flow::Close(code, why) = flow {
-            let _ =
-                s.ws.close(Some(CloseFrame {
-                    code,
-                    reason: why.into(),
-                }))
-                .await;
+            Box::pin(s.ws.close(code, why, CLOSE_LINGER)).await;
             break why;
         }
     };
 
+    for cmd in s.mailbox.close() {
+        if let SessionCmd::Call { reply, .. } = cmd {
+            let _ = reply.send(Err(CallFailure::Disconnected));
+        }
+    }
     if let Some(p) = s.pending.take() {
         let _ = p.reply.send(Err(CallFailure::Disconnected));
     }
     for (_, _, reply) in s.queue.drain(..) {
         let _ = reply.send(Err(CallFailure::Disconnected));
     }
-    let replaced = node
+    let conn_id = s.conn_id;
+    let replaced = s
+        .node
         .sessions
-        .remove_if(&station, |_, h| h.conn_id == conn_id)
+        .remove_if(&s.station, |_, h| h.conn_id == conn_id)
         .is_none();
     if !replaced {
-        node.status
-            .disconnected(&station, &node.node_id, Utc::now());
+        s.node
+            .status
+            .disconnected(&s.station, &s.node.node_id, Utc::now());
     }
     metrics::gauge!("csms_sessions").decrement(1.0);
-    info!(station = %station, reason, "station disconnected");
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
+    info!(station = %s.station, reason, "station disconnected");
 }
 
 fn now_us() -> i64 {
@@ -450,7 +570,7 @@ where
         if self.bad_frames.record(Instant::now()) {
             record_limit("bad_frames");
             warn!(station = %self.station, "too many malformed frames: closing");
-            Flow::Close(CloseCode::Policy, "too many malformed frames")
+            Flow::Close(ws::CLOSE_POLICY, "too many malformed frames")
         } else {
             Flow::Continue
         }
@@ -562,16 +682,16 @@ where
                 ErrorKind::InternalError,
                 "the CSMS could not store the message; retry later",
             );
-            let _ = self.ws.send(Message::text(err.to_text())).await;
+            let _ = self.ws.send_text(&err.to_text()).await;
             return false;
         }
-        self.ws.send(Message::text(out_text)).await.is_ok()
+        self.ws.send_text(&out_text).await.is_ok()
     }
 
     /// Records frames that get no answer (SEND, stray results). Awaited like
     /// the others so that a full queue slows the station instead of dropping
     /// the frame.
-    async fn wal_durable(&self, records: Vec<WalRecord>) {
+    async fn wal_durable(&mut self, records: Vec<WalRecord>) {
         if let Err(e) = self.node.wal.append(records).await {
             warn!(station = %self.station, error = %e, "WAL append failed");
             metrics::counter!("csms_wal_append_failures_total").increment(1);
@@ -661,17 +781,17 @@ where
                 let _ = reply.send(Err(CallFailure::Wal(e.to_string())));
                 continue;
             }
-            if self.ws.send(Message::text(text)).await.is_err() {
+            if self.ws.send_text(&text).await.is_err() {
                 let _ = reply.send(Err(CallFailure::Disconnected));
                 return;
             }
             let timeout = Duration::from_secs(self.node.config.ocpp.call_timeout_secs);
-            self.pending = Some(Pending {
+            self.pending = Some(Box::new(Pending {
                 message_id,
                 action,
                 deadline: tokio::time::Instant::now() + timeout,
                 reply,
-            });
+            }));
         }
     }
 
@@ -701,5 +821,67 @@ where
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Config,
+        limits::AddressLimiter,
+        registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
+        txid::{FileAllocator, TxIdAllocator},
+        wal::Wal,
+    };
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+    fn node(dir: &std::path::Path) -> (Arc<Node>, Wal) {
+        let config = Arc::new(Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        });
+        let (wal, wal_handle) = Wal::open(&dir.join("wal"), config.wal.clone()).unwrap();
+        let node = Arc::new(Node {
+            versions: config.versions(),
+            limiter: AddressLimiter::new(&config.limits),
+            node_id: "n1".into(),
+            catalog: schemas::Catalog::global(),
+            stations: StationRegistry::open(dir).unwrap(),
+            handlers: crate::handlers::Handlers {
+                ocpp: Arc::new(config.ocpp.clone()),
+                tokens: IdTokenRegistry::open(dir, DefaultPolicy::AcceptAll).unwrap(),
+                txids: TxIdAllocator::File(Arc::new(FileAllocator::open(dir).unwrap())),
+                overloaded: Arc::new(|| false),
+            },
+            wal: wal_handle,
+            status: crate::status::StatusStore::embedded(),
+            sessions: Default::default(),
+            connections: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            config,
+        });
+        (node, wal)
+    }
+
+    /// The idle session is the per-station cost of a node: keep its task
+    /// small (the work per message is boxed, see `run`).
+    #[tokio::test]
+    async fn idle_session_future_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _wal) = node(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (guard, _) = ConnGuard::new(&node);
+        let ws = WsConn::new(tcp, Vec::new(), 65_536);
+        let fut = run(node.clone(), ws, "CP1".into(), OcppVersion::V16, guard);
+        let size = std::mem::size_of_val(&fut);
+        println!("idle session future: {size} bytes");
+        assert!(size <= 1536, "session future grew to {size} bytes");
+        drop(fut);
+        drop(client);
     }
 }

@@ -10,21 +10,21 @@ use std::{
 };
 
 /// A redis-server on a free port in a temporary directory, killed on drop.
-pub(crate) struct RedisServer {
+pub struct RedisServer {
     child: Option<Child>,
-    pub(crate) port: u16,
+    pub port: u16,
     cluster: bool,
     dir: tempfile::TempDir,
 }
 
 impl RedisServer {
-    pub(crate) fn start() -> Self {
+    pub fn start() -> Self {
         Self::start_with(false)
     }
 
     /// A one-node Redis Cluster owning every slot: the server still refuses
     /// cross-slot scripts, and the client goes through cluster routing.
-    pub(crate) fn start_cluster() -> Self {
+    pub fn start_cluster() -> Self {
         let s = Self::start_with(true);
         let client = ::redis::Client::open(s.url()).unwrap();
         let mut c = client.get_connection().unwrap();
@@ -46,7 +46,7 @@ impl RedisServer {
         s
     }
 
-    pub(crate) fn start_with(cluster: bool) -> Self {
+    pub fn start_with(cluster: bool) -> Self {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -78,31 +78,31 @@ impl RedisServer {
         wait_listening(self.port, self.dir.path());
     }
 
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL, as a crash would.
-    pub(crate) fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    pub(crate) fn restart(&mut self) {
+    pub fn restart(&mut self) {
         self.kill();
         self.spawn();
     }
 
-    pub(crate) fn raw(&self) -> ::redis::Connection {
+    pub fn raw(&self) -> ::redis::Connection {
         ::redis::Client::open(self.url())
             .unwrap()
             .get_connection()
             .unwrap()
     }
 
-    pub(crate) fn keys(&self) -> Vec<String> {
+    pub fn keys(&self) -> Vec<String> {
         ::redis::cmd("KEYS")
             .arg("*")
             .query(&mut self.raw())

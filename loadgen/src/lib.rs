@@ -147,13 +147,37 @@ pub struct Report {
     pub rss_connected_kib: Option<u64>,
     /// Connections open when `rss_connected_kib` was read.
     pub rss_connections: u64,
+    /// The last reading while every station was still connected (the end
+    /// of the run phase): the steady state, after connect-time transients.
+    pub rss_steady_kib: Option<u64>,
+    /// Anonymous RSS (RssAnon) before, all connected, end of run.
+    pub anon_kib: [Option<u64>; 3],
     worker: bool,
 }
 
 impl Report {
-    /// Server RSS growth per connection, in KiB.
+    /// Server RSS growth per connection, in KiB, when all were connected.
     pub fn rss_per_connection_kib(&self) -> Option<f64> {
-        match (self.rss_before_kib, self.rss_connected_kib) {
+        self.per_connection(self.rss_connected_kib)
+    }
+
+    /// Server RSS growth per connection, in KiB, at the end of the run.
+    pub fn rss_steady_per_connection_kib(&self) -> Option<f64> {
+        self.per_connection(self.rss_steady_kib)
+    }
+
+    /// Anonymous RSS growth per connection, in KiB: when all were
+    /// connected, and at the end of the run.
+    pub fn anon_per_connection_kib(&self) -> [Option<f64>; 2] {
+        [1, 2].map(|i| self.growth(self.anon_kib[0], self.anon_kib[i]))
+    }
+
+    fn per_connection(&self, after: Option<u64>) -> Option<f64> {
+        self.growth(self.rss_before_kib, after)
+    }
+
+    fn growth(&self, before: Option<u64>, after: Option<u64>) -> Option<f64> {
+        match (before, after) {
             (Some(b), Some(a)) if self.rss_connections > 0 => {
                 Some((a as f64 - b as f64) / self.rss_connections as f64)
             }
@@ -286,6 +310,26 @@ impl fmt::Display for Report {
         if let Some(per) = self.rss_per_connection_kib() {
             rows.push(("server RSS per connection".into(), format!("{per:.2} KiB")));
         }
+        if let Some(c) = self.rss_steady_kib {
+            rows.push(("server RSS, end of run".into(), format!("{c} KiB")));
+        }
+        if let Some(per) = self.rss_steady_per_connection_kib() {
+            rows.push((
+                "server RSS per connection, end of run".into(),
+                format!("{per:.2} KiB"),
+            ));
+        }
+        for (name, per) in [
+            "server anon RSS per connection, all connected",
+            "server anon RSS per connection, end of run",
+        ]
+        .into_iter()
+        .zip(self.anon_per_connection_kib())
+        {
+            if let Some(per) = per {
+                rows.push((name.into(), format!("{per:.2} KiB")));
+            }
+        }
         let w = rows
             .iter()
             .map(|(k, _)| k.chars().count())
@@ -329,13 +373,28 @@ fn fd_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// Resident set size of a process in KiB (VmRSS of /proc/PID/status).
 /// Resident memory of `pid` and all its descendants (a `csms serve
-/// --workers N` supervisor and its workers), in KiB.
+/// --workers N` supervisor and its workers), in KiB (VmRSS of
+/// /proc/PID/status).
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib_tree(pid, "VmRSS:")
+}
+
+/// Anonymous resident memory (heap, stacks; RssAnon) of `pid` and its
+/// descendants, in KiB. Unlike VmRSS it leaves out pages of the executable
+/// and other files, which grow as code paths are first run and are shared
+/// between the worker processes: this is the memory connections cost.
+pub fn anon_rss_kib(pid: u32) -> Option<u64> {
+    status_kib_tree(pid, "RssAnon:")
+}
+
+fn status_kib_tree(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let own = parse_vm_rss(&text)?;
-    let children: u64 = child_pids(pid).into_iter().filter_map(rss_kib).sum();
+    let own = parse_status_kib(&text, field)?;
+    let children: u64 = child_pids(pid)
+        .into_iter()
+        .filter_map(|c| status_kib_tree(c, field))
+        .sum();
     Some(own + children)
 }
 
@@ -355,8 +414,8 @@ fn child_pids(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -404,6 +463,8 @@ struct Driver {
     rss_before: Option<u64>,
     rss_connected: Option<u64>,
     rss_connections: u64,
+    rss_steady: Option<u64>,
+    anon: [Option<u64>; 3],
 }
 
 impl Driver {
@@ -421,6 +482,8 @@ impl Driver {
             bar,
             rss_connected: None,
             rss_connections: 0,
+            rss_steady: None,
+            anon: [args.server_pid.and_then(anon_rss_kib), None, None],
         }
     }
 
@@ -440,12 +503,19 @@ impl Driver {
             "{} open, {} sent, {} answered, {} errors, {rate:.0}/s",
             p.connected, p.sent, p.answered, p.errors
         ));
-        if self.rss_connected.is_none()
-            && p.connected as usize >= self.args.stations
+        if p.connected as usize >= self.args.stations
             && let Some(pid) = self.args.server_pid
         {
-            self.rss_connected = rss_kib(pid);
-            self.rss_connections = p.connected;
+            let rss = rss_kib(pid);
+            let anon = anon_rss_kib(pid);
+            if self.rss_connected.is_none() {
+                self.rss_connected = rss;
+                self.anon[1] = anon;
+                self.rss_connections = p.connected;
+            } else {
+                self.rss_steady = rss;
+                self.anon[2] = anon;
+            }
         }
     }
 
@@ -459,6 +529,8 @@ impl Driver {
             rss_before_kib: self.rss_before,
             rss_connected_kib: self.rss_connected,
             rss_connections: self.rss_connections,
+            rss_steady_kib: self.rss_steady,
+            anon_kib: self.anon,
             worker: false,
         }
     }
@@ -550,6 +622,8 @@ async fn run_worker(args: LoadgenArgs, worker: usize, stations_201: usize) -> Re
         rss_before_kib: None,
         rss_connected_kib: None,
         rss_connections: 0,
+        rss_steady_kib: None,
+        anon_kib: [None; 3],
         worker: true,
     })
 }
@@ -836,9 +910,11 @@ mod tests {
     #[test]
     fn reads_vm_rss() {
         let status = "Name:\tcsms\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
-        assert_eq!(parse_vm_rss(status), Some(12345));
-        assert_eq!(parse_vm_rss("Name: x\n"), None);
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(12345));
+        assert_eq!(parse_status_kib("Name: x\n", "VmRSS:"), None);
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let anon = anon_rss_kib(std::process::id()).unwrap();
+        assert!(anon > 0 && anon <= rss_kib(std::process::id()).unwrap());
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! ([`BILLING_APP_ID`]) and the hash of the tariff file priced with
 //! ([`TARIFFS_APP_ID`]); a different hash reprices every line. The
 //! statements record the billing version read and recompute the months of
-//! changed billing dates. A rerun with nothing new writes nothing.
+//! changed billing dates. A rerun with nothing new writes nothing. Both run
+//! through the shared gold driver ([`crate::gold_job`]; the tariff hash is
+//! its `pin`).
 //!
 //! # Lines
 //! The tariff is the one in force at the start ([`TariffBook::in_force`]).
@@ -26,27 +28,26 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
 
-use chrono::{Datelike, NaiveDate};
 use deltalake::arrow::array::{
     Array, ArrayRef, BooleanArray, Date32Array, Float64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::datafusion::datasource::MemTable;
-use deltalake::datafusion::prelude::{Expr, SessionContext, col, lit};
+use deltalake::datafusion::prelude::SessionContext;
+use futures_util::future::BoxFuture;
 use schemas::tables::{
     GOLD_BILLING, GOLD_BILLING_STATEMENTS, GOLD_TRANSACTIONS_COMPLETED, SILVER_METER_VALUES,
     SILVER_TRANSACTIONS, billing_schema, billing_statements_schema,
 };
 
-use crate::gold::{Scope, date_lit, distinct_dates, empty, first_i64, parse_days, scope};
+use crate::gold_job::{Compute, Computed, GoldJob, Partition, SRC, Sql, WHERE};
 use crate::incremental::{dates, floats, ints, scan_sql, strings, timestamps};
 use crate::lake;
-use crate::silver::{date_in, date_in_sql, date_of_days, range_sql};
+use crate::silver::date_of_days;
 use crate::tariffs::{Split, TariffBook, price};
-use crate::{PipelineConfig, PipelineError, RunOptions, TableSummary};
+use crate::{PipelineConfig, PipelineError};
 
 /// SQL name of the billing lines.
 pub const BILLING_TABLE: &str = "gold.billing";
@@ -75,99 +76,58 @@ struct Line {
 
 type Key = (String, String);
 
-fn range_predicate(column: &str, opts: &RunOptions) -> Expr {
-    let mut p = col(column).is_not_null();
-    if let Some(from) = opts.from {
-        p = p.and(col(column).gt_eq(date_lit(from)));
-    }
-    if let Some(to) = opts.to {
-        p = p.and(col(column).lt_eq(date_lit(to)));
-    }
-    p
-}
-
-/// Reprices `gold.billing` for the stop dates whose detail partitions
-/// changed (everything when the tariff file changed).
-pub async fn billing(
-    ctx: &SessionContext,
+/// `gold.billing`: reprices the stop dates whose detail partitions changed
+/// (everything when the tariff file changed).
+pub(crate) fn billing(
+    tariffs: Arc<TariffBook>,
     lake_url: &str,
     config: &PipelineConfig,
-    opts: &RunOptions,
-    tariffs: &TariffBook,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = empty(BILLING_TABLE);
-    let src_loc = lake::table_location(lake_url, GOLD_TRANSACTIONS_COMPLETED)?;
-    let Some(src) = lake::load_table(&src_loc, &config.storage_options).await? else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let src_version = src.version().unwrap_or(0);
-    let loc = lake::table_location(lake_url, GOLD_BILLING)?;
-    let schema = billing_schema();
-    let gold = lake::open_or_create(
-        &loc,
-        &config.storage_options,
-        &schema,
-        "date",
-        "gold.billing: completed transactions priced with the tariff in force, by UTC stop date",
-    )
-    .await?;
-    let priced_with = lake::app_version(&gold, &loc, TARIFFS_APP_ID).await?;
-    let done = match priced_with {
-        Some(h) if h == tariffs.hash => lake::app_version(&gold, &loc, BILLING_APP_ID).await?,
-        _ => {
-            if priced_with.is_some() {
-                tracing::info!("tariff file changed: repricing all of {BILLING_TABLE}");
-            }
-            None
-        }
-    };
-    let Some(scope) = scope(&src, &src_loc, src_version, done, opts).await? else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let txns: Vec<(&str, i64)> = if opts.is_range() {
-        Vec::new()
-    } else {
-        vec![
-            (BILLING_APP_ID, src_version as i64),
-            (TARIFFS_APP_ID, tariffs.hash),
-        ]
-    };
-    let (where_sql, predicate, known) = match &scope {
-        Scope::All => ("TRUE".to_string(), col("date").is_not_null(), None),
-        Scope::Range => (range_sql("date", opts), range_predicate("date", opts), None),
-        Scope::Partitions(parts) => {
-            let days = parse_days(parts);
-            if days.is_empty() {
-                lake::record_progress(gold, &loc, &schema, "date", &txns).await?;
-                summary.seconds = started.elapsed().as_secs_f64();
-                return Ok(summary);
-            }
-            (
-                date_in_sql("date", &days),
-                date_in("date", &days),
-                Some(days.len() as u64),
-            )
-        }
-    };
-    ctx.register_table("bl_src", lake::provider(ctx, &src, &src_loc).await?)?;
-    let lines = read_lines(ctx, &where_sql).await;
-    ctx.deregister_table("bl_src")?;
-    let lines = lines?;
-    let readings = read_readings(ctx, lake_url, config, &lines).await?;
-    let batch = price_lines(&schema, &lines, &readings, tariffs)?;
-    summary.rows_in = lines.len() as u64;
-    summary.rows_out = batch.num_rows() as u64;
-    let batches = vec![batch];
-    summary.dates_rewritten = known.unwrap_or_else(|| distinct_dates(&batches));
-    lake::replace_where(ctx, gold, &loc, &schema, "date", batches, predicate, &txns).await?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+) -> GoldJob {
+    GoldJob {
+        name: BILLING_TABLE,
+        source: GOLD_TRANSACTIONS_COMPLETED,
+        target: GOLD_BILLING,
+        schema: billing_schema(),
+        partition: Partition::Date,
+        app_id: BILLING_APP_ID,
+        comment: "gold.billing: completed transactions priced with the tariff in force, by UTC stop date",
+        source_date: "date",
+        pin: Some((TARIFFS_APP_ID, tariffs.hash)),
+        compute: Box::new(Pricing {
+            tariffs,
+            lake_url: lake_url.to_string(),
+            storage_options: config.storage_options.clone(),
+        }),
+    }
 }
 
-/// The detail rows matching `where_sql` (table `bl_src` registered).
+/// Prices detail rows with the tariffs, reading their meter readings.
+struct Pricing {
+    tariffs: Arc<TariffBook>,
+    lake_url: String,
+    storage_options: HashMap<String, String>,
+}
+
+impl Compute for Pricing {
+    fn compute<'a>(
+        &'a self,
+        ctx: &'a SessionContext,
+        where_sql: &'a str,
+    ) -> BoxFuture<'a, Result<Computed, PipelineError>> {
+        Box::pin(async move {
+            let lines = read_lines(ctx, where_sql).await?;
+            let readings =
+                read_readings(ctx, &self.lake_url, &self.storage_options, &lines).await?;
+            let batch = price_lines(&billing_schema(), &lines, &readings, &self.tariffs)?;
+            Ok(Computed {
+                rows_in: lines.len() as u64,
+                batches: vec![batch],
+            })
+        })
+    }
+}
+
+/// The detail rows matching `where_sql` (the source registered as [`SRC`]).
 async fn read_lines(ctx: &SessionContext, where_sql: &str) -> Result<Vec<Line>, PipelineError> {
     let mut lines = Vec::new();
     scan_sql(
@@ -175,7 +135,7 @@ async fn read_lines(ctx: &SessionContext, where_sql: &str) -> Result<Vec<Line>, 
         &format!(
             "SELECT CAST(date AS DATE) AS date, station_id, transaction_id, id_token, started_at,
                     stopped_at, duration_s, energy_kwh, energy_flag
-             FROM bl_src WHERE {where_sql}"
+             FROM {SRC} WHERE {where_sql}"
         ),
         &mut |b| {
             let d = dates(b, "date")?;
@@ -222,7 +182,7 @@ async fn read_lines(ctx: &SessionContext, where_sql: &str) -> Result<Vec<Line>, 
 async fn read_readings(
     ctx: &SessionContext,
     lake_url: &str,
-    config: &PipelineConfig,
+    storage_options: &HashMap<String, String>,
     lines: &[Line],
 ) -> Result<HashMap<Key, Vec<(i64, f64)>>, PipelineError> {
     let mut readings: HashMap<Key, Vec<(i64, f64)>> = HashMap::new();
@@ -271,7 +231,7 @@ async fn read_readings(
             }
             Ok(())
         };
-        if let Some(stx) = lake::load_table(&stx_loc, &config.storage_options).await? {
+        if let Some(stx) = lake::load_table(&stx_loc, storage_options).await? {
             ctx.register_table("bl_stx", lake::provider(ctx, &stx, &stx_loc).await?)?;
             let r = scan_sql(
                 ctx,
@@ -290,7 +250,7 @@ async fn read_readings(
             ctx.deregister_table("bl_stx")?;
             r?;
         }
-        if let Some(mv) = lake::load_table(&mv_loc, &config.storage_options).await? {
+        if let Some(mv) = lake::load_table(&mv_loc, storage_options).await? {
             ctx.register_table("bl_mv", lake::provider(ctx, &mv, &mv_loc).await?)?;
             let r = scan_sql(
                 ctx,
@@ -401,156 +361,36 @@ fn price_lines(
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| PipelineError::Arrow(e.to_string()))
 }
 
-fn first_of_month(d: NaiveDate) -> NaiveDate {
-    d.with_day(1).unwrap_or(d)
-}
-
-fn next_month(d: NaiveDate) -> NaiveDate {
-    let (y, m) = if d.month() == 12 {
-        (d.year() + 1, 1)
-    } else {
-        (d.year(), d.month() + 1)
-    };
-    NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(d)
-}
-
-/// Recomputes `gold.billing_statements` for the months of changed billing
+/// `gold.billing_statements`, recomputed for the months of changed billing
 /// dates: per month (of the stop date), id token and currency, the priced
 /// lines, their unflagged energy and their total cost (the sum of the
 /// rounded line totals).
-pub async fn billing_statements(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = empty(STATEMENTS_TABLE);
-    let src_loc = lake::table_location(lake_url, GOLD_BILLING)?;
-    let Some(src) = lake::load_table(&src_loc, &config.storage_options).await? else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let src_version = src.version().unwrap_or(0);
-    let loc = lake::table_location(lake_url, GOLD_BILLING_STATEMENTS)?;
-    let schema = billing_statements_schema();
-    let gold = lake::open_or_create(
-        &loc,
-        &config.storage_options,
-        &schema,
-        "month",
-        "gold.billing_statements: per month, id token and currency, priced transactions",
-    )
-    .await?;
-    let done = lake::app_version(&gold, &loc, STATEMENTS_APP_ID).await?;
-    let Some(scope) = scope(&src, &src_loc, src_version, done, opts).await? else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let txn = (!opts.is_range()).then_some((STATEMENTS_APP_ID, src_version as i64));
-    let month_of = |d: NaiveDate| d.format("%Y-%m").to_string();
-    let (where_sql, predicate) = match &scope {
-        Scope::All => ("TRUE".to_string(), col("month").is_not_null()),
-        Scope::Range => {
-            let mut sql = vec!["TRUE".to_string()];
-            let mut p = col("month").is_not_null();
-            if let Some(from) = opts.from {
-                sql.push(format!("date >= DATE '{}'", first_of_month(from)));
-                p = p.and(col("month").gt_eq(lit(month_of(from))));
-            }
-            if let Some(to) = opts.to {
-                sql.push(format!("date < DATE '{}'", next_month(to)));
-                p = p.and(col("month").lt_eq(lit(month_of(to))));
-            }
-            (sql.join(" AND "), p)
-        }
-        Scope::Partitions(parts) => {
-            let months: BTreeSet<NaiveDate> = parse_days(parts)
-                .into_iter()
-                .map(|d| first_of_month(date_of_days(d)))
-                .collect();
-            if months.is_empty() {
-                lake::record_progress(gold, &loc, &schema, "month", txn.as_slice()).await?;
-                summary.seconds = started.elapsed().as_secs_f64();
-                return Ok(summary);
-            }
-            let sql: Vec<String> = months
-                .iter()
-                .map(|m| format!("(date >= DATE '{m}' AND date < DATE '{}')", next_month(*m)))
-                .collect();
-            let p = col("month").in_list(months.iter().map(|m| lit(month_of(*m))).collect(), false);
-            (format!("({})", sql.join(" OR ")), p)
-        }
-    };
-    ctx.register_table("bs_src", lake::provider(ctx, &src, &src_loc).await?)?;
-    let counted = ctx
-        .sql(&format!("SELECT COUNT(*) FROM bs_src WHERE {where_sql}"))
-        .await?
-        .collect()
-        .await;
-    // Line costs have at most 6 decimals, so rounding the sum to 6 removes
-    // only floating-point noise.
-    let result = ctx
-        .sql(&format!(
-            "SELECT to_char(CAST(date AS DATE), '%Y-%m') AS month,
-                    CAST(id_token AS VARCHAR) AS id_token, CAST(currency AS VARCHAR) AS currency,
-                    COUNT(*) AS transactions,
-                    ROUND(COALESCE(SUM(energy_kwh), 0.0), 6) AS energy_kwh,
-                    ROUND(SUM(total_cost), 6) AS total_cost
-             FROM bs_src
-             WHERE {where_sql} AND tariff_id IS NOT NULL
-             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-        ))
-        .await?
-        .collect()
-        .await;
-    ctx.deregister_table("bs_src")?;
-    summary.rows_in = first_i64(&counted?);
-    let batches = result?
-        .iter()
-        .map(|b| lake::conform(b, &schema))
-        .collect::<Result<Vec<_>, _>>()?;
-    summary.rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
-    let mut months = BTreeSet::new();
-    for b in &batches {
-        if let Some(m) = b.column(0).as_any().downcast_ref::<StringArray>() {
-            months.extend(m.iter().flatten().map(str::to_owned));
-        }
-    }
-    summary.dates_rewritten = match &scope {
-        Scope::Partitions(parts) => parse_days(parts)
-            .into_iter()
-            .map(|d| first_of_month(date_of_days(d)))
-            .collect::<BTreeSet<_>>()
-            .len() as u64,
-        _ => months.len() as u64,
-    };
-    lake::replace_where(
-        ctx,
-        gold,
-        &loc,
-        &schema,
-        "month",
-        batches,
-        predicate,
-        txn.as_slice(),
-    )
-    .await?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn month_arithmetic() {
-        let d = NaiveDate::from_ymd_opt(2025, 12, 17).unwrap();
-        assert_eq!(
-            first_of_month(d),
-            NaiveDate::from_ymd_opt(2025, 12, 1).unwrap()
-        );
-        assert_eq!(next_month(d), NaiveDate::from_ymd_opt(2026, 1, 1).unwrap());
+pub(crate) fn billing_statements() -> GoldJob {
+    GoldJob {
+        name: STATEMENTS_TABLE,
+        source: GOLD_BILLING,
+        target: GOLD_BILLING_STATEMENTS,
+        schema: billing_statements_schema(),
+        partition: Partition::Month,
+        app_id: STATEMENTS_APP_ID,
+        comment: "gold.billing_statements: per month, id token and currency, priced transactions",
+        source_date: "date",
+        pin: None,
+        // Line costs have at most 6 decimals, so rounding the sum to 6
+        // removes only floating-point noise.
+        compute: Box::new(Sql {
+            count: format!("SELECT COUNT(*) FROM {SRC} WHERE {WHERE}"),
+            select: format!(
+                "SELECT to_char(CAST(date AS DATE), '%Y-%m') AS month,
+                        CAST(id_token AS VARCHAR) AS id_token,
+                        CAST(currency AS VARCHAR) AS currency,
+                        COUNT(*) AS transactions,
+                        ROUND(COALESCE(SUM(energy_kwh), 0.0), 6) AS energy_kwh,
+                        ROUND(SUM(total_cost), 6) AS total_cost
+                 FROM {SRC}
+                 WHERE {WHERE} AND tariff_id IS NOT NULL
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            ),
+        }),
     }
 }

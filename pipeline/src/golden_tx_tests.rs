@@ -289,3 +289,73 @@ async fn transactions_golden_incremental_and_idempotent() {
     run(lake, &config, &opts, &|_| {}).await.unwrap();
     assert_eq!(versions(lake).await, before);
 }
+
+/// A 1.6 StartTransaction answered across midnight, the CALL and its
+/// CALLRESULT in different bronze commits read by different runs: the run
+/// that reads the answer finds the CALL of the day before in bronze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_answered_after_midnight_in_a_later_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lake = tmp.path().join("lake");
+    let lake = lake.to_str().unwrap();
+    let config = PipelineConfig::default();
+    let opts = RunOptions::default();
+    // Run 1 (Mar 12): the CALL only. No answer yet, so no event.
+    append_bronze(
+        lake,
+        &[start16(
+            "2025-03-12T23:59:59Z",
+            "s50",
+            500,
+            "2025-03-12T23:59:58Z",
+        )],
+    )
+    .await;
+    let first = run(lake, &config, &opts, &|_| {}).await.unwrap();
+    assert_eq!(
+        table(&first, "silver.transaction_events").rows_out,
+        0,
+        "{first}"
+    );
+    assert!(silver_tx(lake).await.is_empty());
+
+    // Run 2 (Mar 13): the answer (transaction 50), then the stop.
+    append_bronze(
+        lake,
+        &[
+            start_answer("2025-03-13T00:00:01Z", "P", "s50", 50),
+            stop16(
+                "2025-03-13T01:00:01Z",
+                "p50",
+                50,
+                4500,
+                "2025-03-13T01:00:00Z",
+            ),
+        ],
+    )
+    .await;
+    let second = run(lake, &config, &opts, &|_| {}).await.unwrap();
+    // The start (dated Mar 12 by its timestamp) and the stop (Mar 13).
+    let events = table(&second, "silver.transaction_events");
+    assert_eq!(
+        (events.rows_out, events.dates_rewritten),
+        (2, 2),
+        "{second}"
+    );
+    // 500 → 4500 Wh = 4000 Wh; 23:59:58 → 01:00:00 = 3602 s; partitioned
+    // by the start date, completed on the stop date.
+    assert_eq!(
+        silver_tx(lake).await,
+        vec![
+            "2025-03-12|P|50|∅|1|TAG1|2025-03-12T23:59:58Z|2025-03-13T01:00:00Z|500.0|4500.0|4000.0|Local|true|1.6|∅"
+        ]
+    );
+    assert_eq!(
+        detail(lake).await,
+        vec!["2025-03-13|P|50|TAG1|2025-03-12T23:59:58Z|2025-03-13T01:00:00Z|3602|4.0|∅"]
+    );
+    // Nothing new: nothing written.
+    let before = versions(lake).await;
+    run(lake, &config, &opts, &|_| {}).await.unwrap();
+    assert_eq!(versions(lake).await, before);
+}

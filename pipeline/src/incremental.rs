@@ -8,12 +8,16 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 use deltalake::DeltaTable;
+use std::collections::hash_map::Entry;
+
 use deltalake::arrow::array::{
-    Array, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
+    Array, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt32Array,
 };
-use deltalake::arrow::compute::{cast, filter_record_batch};
+use deltalake::arrow::compute::{SortOptions, cast, concat_batches, take_record_batch};
 use deltalake::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::row::{Row, RowConverter, Rows, SortField};
 use deltalake::datafusion::prelude::SessionContext;
 use futures_util::StreamExt;
 
@@ -78,7 +82,7 @@ pub(crate) async fn bronze_source(
 pub(crate) async fn scan_sql(
     ctx: &SessionContext,
     sql: &str,
-    on_batch: &mut dyn FnMut(&RecordBatch) -> Result<(), PipelineError>,
+    on_batch: &mut (dyn FnMut(&RecordBatch) -> Result<(), PipelineError> + Send),
 ) -> Result<u64, PipelineError> {
     let mut stream = ctx.sql(sql).await?.execute_stream().await?;
     let mut read = 0u64;
@@ -102,7 +106,7 @@ pub(crate) async fn scan_bronze(
     opts: &RunOptions,
     columns: &str,
     filter: &str,
-    on_batch: &mut dyn FnMut(&RecordBatch) -> Result<(), PipelineError>,
+    on_batch: &mut (dyn FnMut(&RecordBatch) -> Result<(), PipelineError> + Send),
 ) -> Result<u64, PipelineError> {
     let mut read = 0;
     match source {
@@ -233,6 +237,11 @@ pub(crate) struct Merged {
 /// A date is rewritten only when deduplication leaves it more rows than it
 /// holds: re-read copies (after bronze compaction, or a `--from/--to`
 /// reprocessing) then cost no commit and no downstream recomputation.
+///
+/// The rows are in memory already (decoded from bronze), so deduplication
+/// and ordering run on them directly in Arrow's row format rather than as a
+/// DataFusion window query: only the rows the table holds on the touched
+/// dates are read through DataFusion.
 // Each argument is a distinct part of the one merge.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn merge_dedup(
@@ -253,61 +262,42 @@ pub(crate) async fn merge_dedup(
         lake::record_progress(table, loc, schema, "date", txns).await?;
         return Ok(nothing);
     }
-    ctx.register_table(
-        "silver_new",
-        Arc::new(lake::chunked_mem_table(ctx, schema, new_rows)?),
-    )?;
+    let started = std::time::Instant::now();
     ctx.register_table("silver_cur", lake::provider(ctx, &table, loc).await?)?;
-    let select = select_list(schema);
-    let plain: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| format!("\"{}\"", f.name()))
-        .collect();
-    let plain = plain.join(", ");
-    let sql = format!(
-        "SELECT {plain} FROM (
-            SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY {order}) AS rn__
-            FROM (SELECT {select} FROM silver_cur WHERE {cur}
-                  UNION ALL SELECT {select} FROM silver_new))
-         WHERE rn__ = 1
-         ORDER BY {sort}",
-        key = dedup.key,
-        order = dedup.order,
-        sort = dedup.sort,
-        cur = date_in_sql("date", &days),
-    );
-    let batches = ctx.sql(&sql).await?.collect().await;
-    let existing = ctx
-        .sql(&format!(
-            "SELECT CAST(date AS DATE) AS date, COUNT(*) AS n FROM silver_cur WHERE {} GROUP BY 1",
+    let held = async {
+        ctx.sql(&format!(
+            "SELECT {} FROM silver_cur WHERE {}",
+            select_list(schema),
             date_in_sql("date", &days)
         ))
         .await?
         .collect()
-        .await;
-    ctx.deregister_table("silver_new")?;
+        .await
+    }
+    .await;
     ctx.deregister_table("silver_cur")?;
-    let batches = batches?
+    let held = held?
         .iter()
         .map(|b| lake::conform(b, schema))
         .collect::<Result<Vec<_>, _>>()?;
+    let read_held = started.elapsed().as_secs_f64();
     // Silver only grows by union, so a date whose deduplicated row count
     // equals what it holds already gained nothing.
     let mut before: HashMap<i32, u64> = HashMap::new();
-    for b in &existing? {
-        let n = ints(b, "n")?;
-        for (d, n) in dates(b, "date")?.iter().zip(n.iter()) {
-            if let (Some(d), Some(n)) = (d, n) {
-                before.insert(d, n.max(0) as u64);
-            }
+    for b in &held {
+        for d in dates(b, "date")?.iter().flatten() {
+            *before.entry(d).or_default() += 1;
         }
     }
+    // Held rows first: on a complete tie of the winner order they stay.
+    let all =
+        concat_batches(schema, held.iter().chain(std::iter::once(&new_rows))).map_err(arrow_err)?;
+    drop(held);
+    let winners = dedup_winners(&all, dedup)?;
+    let all_dates = dates(&all, "date")?;
     let mut after: HashMap<i32, u64> = HashMap::new();
-    for b in &batches {
-        for d in dates(b, "date")?.iter().flatten() {
-            *after.entry(d).or_default() += 1;
-        }
+    for &i in &winners {
+        *after.entry(all_dates.value(i as usize)).or_default() += 1;
     }
     let days: BTreeSet<i32> = days
         .into_iter()
@@ -317,30 +307,144 @@ pub(crate) async fn merge_dedup(
         lake::record_progress(table, loc, schema, "date", txns).await?;
         return Ok(nothing);
     }
-    let batches = batches
-        .iter()
-        .map(|b| {
-            let mask: BooleanArray = dates(b, "date")?
-                .iter()
-                .map(|d| Some(d.is_some_and(|d| days.contains(&d))))
-                .collect();
-            filter_record_batch(b, &mask).map_err(|e| PipelineError::Arrow(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let rows_out = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let keep: UInt32Array = winners
+        .into_iter()
+        .filter(|i| days.contains(&all_dates.value(*i as usize)))
+        .collect();
+    let out = take_record_batch(&all, &keep).map_err(arrow_err)?;
+    drop(all);
+    let out = sort_batch(&out, dedup.sort)?;
+    let rows_out = out.num_rows() as u64;
+    let deduped = started.elapsed().as_secs_f64();
     lake::replace_where(
         ctx,
         table,
         loc,
         schema,
         "date",
-        batches,
+        vec![out],
         date_in("date", &days),
         txns,
     )
     .await?;
+    tracing::debug!(
+        table = loc,
+        rows_out,
+        dates = days.len(),
+        read_held_s = read_held,
+        dedup_s = deduped - read_held,
+        write_s = started.elapsed().as_secs_f64() - deduped,
+        "silver merge"
+    );
     Ok(Merged {
         rows_out,
         dates_rewritten: days.len() as u64,
     })
+}
+
+fn arrow_err(e: ArrowError) -> PipelineError {
+    PipelineError::Arrow(e.to_string())
+}
+
+/// The columns of `batch` named in the comma-separated `list`, in Arrow's
+/// row format: ascending, nulls last (DataFusion's `ORDER BY` default).
+fn rows_of(batch: &RecordBatch, list: &str) -> Result<Rows, PipelineError> {
+    let columns = list
+        .split(',')
+        .map(|name| {
+            let name = name.trim();
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| PipelineError::Arrow(format!("no column {name}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let fields = columns
+        .iter()
+        .map(|c| {
+            SortField::new_with_options(
+                c.data_type().clone(),
+                SortOptions {
+                    descending: false,
+                    nulls_first: false,
+                },
+            )
+        })
+        .collect();
+    RowConverter::new(fields)
+        .and_then(|conv| conv.convert_columns(&columns))
+        .map_err(arrow_err)
+}
+
+/// Indices (ascending) of the rows of `batch` that win their identity
+/// (`dedup.key`): the first in `dedup.order`, the earlier row on a tie.
+fn dedup_winners(batch: &RecordBatch, dedup: &Dedup<'_>) -> Result<Vec<u32>, PipelineError> {
+    let keys = rows_of(batch, dedup.key)?;
+    let order = rows_of(batch, dedup.order)?;
+    let mut best: HashMap<Row<'_>, u32> = HashMap::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        match best.entry(keys.row(i)) {
+            Entry::Occupied(mut e) => {
+                if order.row(i) < order.row(*e.get() as usize) {
+                    e.insert(i as u32);
+                }
+            }
+            Entry::Vacant(e) => {
+                e.insert(i as u32);
+            }
+        }
+    }
+    let mut winners: Vec<u32> = best.into_values().collect();
+    winners.sort_unstable();
+    Ok(winners)
+}
+
+/// `batch` ordered by the comma-separated columns `sort` (stable).
+fn sort_batch(batch: &RecordBatch, sort: &str) -> Result<RecordBatch, PipelineError> {
+    let rows = rows_of(batch, sort)?;
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    order.sort_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
+    take_record_batch(batch, &UInt32Array::from(order)).map_err(arrow_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::datatypes::{Field, Schema};
+
+    fn batch(ids: &[&str], received: &[Option<i64>], tag: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("received", DataType::Int64, true),
+            Field::new("tag", DataType::Utf8, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(Int64Array::from(received.to_vec())),
+                Arc::new(StringArray::from(tag.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn first_in_order_wins_nulls_last_and_ties_keep_the_earlier_row() {
+        let b = batch(
+            &["a", "a", "b", "b", "c", "c"],
+            &[Some(5), Some(3), None, Some(9), Some(1), Some(1)],
+            &["late", "early", "null", "nine", "first", "second"],
+        );
+        let d = Dedup {
+            key: "id",
+            order: "received",
+            sort: "tag",
+        };
+        assert_eq!(dedup_winners(&b, &d).unwrap(), vec![1, 3, 4]);
+        let sorted = sort_batch(&b, "id, received").unwrap();
+        let tags = strings(&sorted, "tag").unwrap();
+        let tags: Vec<&str> = (0..tags.len()).map(|i| tags.value(i)).collect();
+        assert_eq!(tags, ["early", "late", "nine", "null", "first", "second"]);
+    }
 }

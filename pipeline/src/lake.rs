@@ -270,38 +270,6 @@ pub(crate) fn session(memory_limit_bytes: usize) -> Result<SessionContext, Pipel
     Ok(DeltaSessionContext::with_runtime_env(runtime).into_inner())
 }
 
-/// An in-memory table of `batch` cut into owned chunks of `CHUNK_ROWS` rows
-/// over the session's partitions. One huge batch cannot be spilled: a sort
-/// must reserve it whole, which fails under a bounded pool even when the
-/// data would fit in chunks. (Slices would share, and be charged for, the
-/// whole buffers, so the chunks are copies.)
-pub(crate) fn chunked_mem_table(
-    ctx: &SessionContext,
-    schema: &SchemaRef,
-    batch: RecordBatch,
-) -> Result<deltalake::datafusion::datasource::MemTable, PipelineError> {
-    const CHUNK_ROWS: usize = 8192;
-    let partitions = ctx.state().config().target_partitions().max(1);
-    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
-    let mut offset = 0;
-    let mut i = 0;
-    while offset < batch.num_rows() {
-        let len = CHUNK_ROWS.min(batch.num_rows() - offset);
-        let rows = deltalake::arrow::array::UInt32Array::from_iter_values(
-            (offset as u32)..((offset + len) as u32),
-        );
-        let chunk = deltalake::arrow::compute::take_record_batch(&batch, &rows)
-            .map_err(|e| PipelineError::Arrow(e.to_string()))?;
-        parts[i % partitions].push(chunk);
-        offset += len;
-        i += 1;
-    }
-    Ok(deltalake::datafusion::datasource::MemTable::try_new(
-        schema.clone(),
-        parts,
-    )?)
-}
-
 /// Casts and reorders `batch`'s columns (by name) to `schema`: DataFusion
 /// reads strings as views and aggregates to its own types; Delta writes
 /// must match the table schema.

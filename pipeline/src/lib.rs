@@ -33,11 +33,18 @@
 //! - [`tariffs`]: the versioned tariff file and the pricing of a transaction;
 //!   [`billing`]: `gold.billing` and `gold.billing_statements` (run only when
 //!   [`PipelineConfig::tariffs_path`] is set).
+//! - [`silver_job`]: the silver stage driver: one bronze scan per run
+//!   (`bronze`, private: decode once, route to tables) feeding every
+//!   bronze-fed table's sink, each keeping its own progress.
+//! - `gold_job` (private): the gold driver every gold table runs through
+//!   (source, affected partitions, replaceWhere, progress bookkeeping), with
+//!   the table's own SQL or Rust computation as a parameter.
 //! - `incremental` (private): the bronze-source selection, scans and the
 //!   deduplicating merge the silver jobs share.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::NaiveDate;
@@ -45,12 +52,15 @@ use deltalake::DeltaTableError;
 use deltalake::datafusion::error::DataFusionError;
 
 pub mod billing;
+mod bronze;
 pub mod gold;
+mod gold_job;
 pub mod gold_tx;
 mod incremental;
 pub mod lake;
 pub mod meter;
 pub mod silver;
+pub mod silver_job;
 pub mod silver_misc;
 pub mod simulate;
 pub mod tariffs;
@@ -171,6 +181,12 @@ pub struct TableSummary {
 pub struct RunSummary {
     pub tables: Vec<TableSummary>,
     pub seconds: f64,
+    /// Work done once for several tables, not counted in any table's
+    /// seconds: the silver stage's bronze read, filter and routing
+    /// ([`silver_job::SCAN_NAME`]; rows in = bronze rows read, rows out =
+    /// rows handed to silver tables, one per table taking a row). Decoding
+    /// is counted in the table that decoded.
+    pub shared: Vec<TableSummary>,
 }
 
 impl fmt::Display for RunSummary {
@@ -180,7 +196,7 @@ impl fmt::Display for RunSummary {
             "{:<24} {:>12} {:>12} {:>10} {:>9}",
             "table", "rows in", "rows out", "rewritten", "seconds"
         )?;
-        for t in &self.tables {
+        for t in self.shared.iter().chain(&self.tables) {
             writeln!(
                 f,
                 "{:<24} {:>12} {:>12} {:>10} {:>9.2}",
@@ -228,18 +244,19 @@ impl From<DataFusionError> for PipelineError {
     }
 }
 
-/// Runs the pipeline over the lake at `lake_url` (a path, `file://` or
-/// `s3://` URL, as for ingest), reporting progress through `progress`.
-pub async fn run(
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-    progress: &dyn Fn(ProgressEvent),
-) -> Result<RunSummary, PipelineError> {
-    let started = Instant::now();
-    let ctx = lake::session(config.memory_limit_bytes)?;
-    let mut summary = RunSummary::default();
-    let mut done = |t: TableSummary| {
+/// Collects a run's table summaries: metrics, a log line and a progress
+/// event per table.
+struct Reporter<'a> {
+    summary: RunSummary,
+    progress: &'a dyn Fn(ProgressEvent),
+}
+
+impl silver_job::StageReport for Reporter<'_> {
+    fn started(&mut self, name: &str) {
+        (self.progress)(ProgressEvent::TableStarted(name.into()));
+    }
+
+    fn done(&mut self, t: TableSummary) {
         metrics::counter!("csms_pipeline_rows_out_total", "table" => t.name.clone())
             .increment(t.rows_out);
         metrics::histogram!("csms_pipeline_table_seconds", "table" => t.name.clone())
@@ -252,58 +269,82 @@ pub async fn run(
             seconds = t.seconds,
             "pipeline table done"
         );
-        progress(ProgressEvent::TableDone(t.clone()));
-        summary.tables.push(t);
+        (self.progress)(ProgressEvent::TableDone(t.clone()));
+        self.summary.tables.push(t);
+    }
+
+    fn shared(&mut self, t: TableSummary) {
+        metrics::histogram!("csms_pipeline_shared_seconds", "work" => t.name.clone())
+            .record(t.seconds);
+        tracing::info!(
+            work = %t.name,
+            rows_in = t.rows_in,
+            rows_out = t.rows_out,
+            seconds = t.seconds,
+            "pipeline shared work done"
+        );
+        self.summary.shared.push(t);
+    }
+}
+
+/// Bronze-fed silver tables, in run order (all read by one bronze scan).
+const SILVER_TABLES: [silver_job::SilverTable; 6] = [
+    silver::STATUS_EVENTS,
+    silver_misc::BOOTS,
+    silver_misc::HEARTBEATS,
+    silver_misc::DEVICE_MODEL,
+    meter::METER_VALUES,
+    meter::TRANSACTION_EVENTS,
+];
+
+/// Runs the pipeline over the lake at `lake_url` (a path, `file://` or
+/// `s3://` URL, as for ingest), reporting progress through `progress`.
+pub async fn run(
+    lake_url: &str,
+    config: &PipelineConfig,
+    opts: &RunOptions,
+    progress: &dyn Fn(ProgressEvent),
+) -> Result<RunSummary, PipelineError> {
+    use silver_job::StageReport;
+    let started = Instant::now();
+    let ctx = lake::session(config.memory_limit_bytes)?;
+    let mut report = Reporter {
+        summary: RunSummary::default(),
+        progress,
     };
     if matches!(opts.stage, Stage::Silver | Stage::All) {
         progress(ProgressEvent::StageStarted(Stage::Silver));
-        progress(ProgressEvent::TableStarted(silver::TABLE.into()));
-        done(silver::status_events(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(silver_misc::BOOTS_TABLE.into()));
-        done(silver_misc::boots(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(
-            silver_misc::HEARTBEATS_TABLE.into(),
-        ));
-        done(silver_misc::heartbeats(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(
-            silver_misc::DEVICE_MODEL_TABLE.into(),
-        ));
-        done(silver_misc::device_model(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(meter::METER_TABLE.into()));
-        done(meter::meter_values(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(meter::EVENTS_TABLE.into()));
-        done(meter::transaction_events(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(transactions::TABLE.into()));
-        done(transactions::transactions(&ctx, lake_url, config, opts).await?);
+        silver_job::run_stage(&ctx, lake_url, config, opts, &SILVER_TABLES, &mut report).await?;
+        report.started(transactions::TABLE);
+        report.done(transactions::transactions(&ctx, lake_url, config, opts).await?);
     }
     if matches!(opts.stage, Stage::Gold | Stage::All) {
         progress(ProgressEvent::StageStarted(Stage::Gold));
-        progress(ProgressEvent::TableStarted(gold::DAILY_TABLE.into()));
-        done(gold::daily_faults(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(gold::RANKING_TABLE.into()));
-        done(gold::fault_ranking(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(gold_tx::DETAIL_TABLE.into()));
-        done(gold_tx::transactions_completed(&ctx, lake_url, config, opts).await?);
-        progress(ProgressEvent::TableStarted(gold_tx::DAILY_TABLE.into()));
-        done(gold_tx::completed_transactions(&ctx, lake_url, config, opts).await?);
+        let mut jobs = vec![
+            gold::daily_faults(),
+            gold::fault_ranking(config.fault_threshold),
+            gold_tx::transactions_completed(),
+            gold_tx::completed_transactions(),
+        ];
         match &config.tariffs_path {
             Some(path) => {
                 // Loaded per run, so an edited file takes effect without a
                 // restart (and a changed file reprices everything).
-                let book = tariffs::TariffBook::load(path)?;
-                progress(ProgressEvent::TableStarted(billing::BILLING_TABLE.into()));
-                done(billing::billing(&ctx, lake_url, config, opts, &book).await?);
-                progress(ProgressEvent::TableStarted(
-                    billing::STATEMENTS_TABLE.into(),
-                ));
-                done(billing::billing_statements(&ctx, lake_url, config, opts).await?);
+                let book = Arc::new(tariffs::TariffBook::load(path)?);
+                jobs.push(billing::billing(book, lake_url, config));
+                jobs.push(billing::billing_statements());
             }
             None => tracing::info!(
                 "no tariff file configured ([pipeline] tariffs_path): \
                  gold.billing and gold.billing_statements skipped"
             ),
         }
+        for job in jobs {
+            report.started(job.name());
+            report.done(job.run(&ctx, lake_url, config, opts).await?);
+        }
     }
+    let mut summary = report.summary;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -331,6 +372,7 @@ mod tests {
                 seconds: 0.5,
             }],
             seconds: 1.25,
+            shared: Vec::new(),
         };
         let text = s.to_string();
         assert!(text.lines().count() == 3, "{text}");

@@ -5,42 +5,48 @@
 //! StopTransaction `transactionData` and 2.x TransactionEvent `meterValue`.
 //! Transaction events come from 1.6 StartTransaction (paired with the CSMS's
 //! CALLRESULT, which carries the transaction id) and StopTransaction, and 2.x
-//! TransactionEvent. Both tables are incremental over bronze's commit log and
-//! merged with deduplication on message identity, exactly as
+//! TransactionEvent. Both are fed by the silver stage's one bronze pass
+//! ([`crate::silver_job`]), incremental over bronze's commit log and merged
+//! with deduplication on message identity, exactly as
 //! `silver.status_events` ([`crate::incremental`]).
 //!
 //! # Pairing 1.6 StartTransaction with its answer
 //! A CALL and its CALLRESULT usually land in the same bronze commit, but need
-//! not. When the rows a run reads hold one side only, the other is looked up
-//! in bronze by (station, message id) within a day either side of the rows'
-//! dates. A CALL still unanswered gives no event yet; its answer, when it
-//! arrives, brings the pair in. Among several answers to one message id (a
+//! not: the lake writer may commit them apart, on either side of midnight,
+//! and a run may read one commit and the next run the other. When the rows a
+//! run reads hold one side only, the other is looked up in bronze by
+//! (station, message id) within a day either side of the rows' received
+//! dates (bronze's partitions, so the look-up reads at most three). A CALL
+//! still unanswered gives no event yet and is not recorded anywhere: its
+//! answer, when a later run reads it, finds the CALL by the same look-up
+//! and brings the pair in, dated by the CALL's event time. Among several answers to one message id (a
 //! charger reusing ids after a reboot) the first received at or after the
 //! CALL wins.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
 
 use deltalake::arrow::array::{
-    Array, ArrayRef, Date32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    ArrayRef, Date32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::datafusion::datasource::MemTable;
-use deltalake::datafusion::prelude::SessionContext;
+use futures_util::future::BoxFuture;
 use schemas::tables::{
-    BRONZE_OCPP_MESSAGES, SILVER_METER_VALUES, SILVER_TRANSACTION_EVENTS, meter_values_schema,
-    transaction_events_schema,
+    SILVER_METER_VALUES, SILVER_TRANSACTION_EVENTS, meter_values_schema, transaction_events_schema,
 };
 use schemas::{CoreEvent, OcppVersion, events_from_call};
 
-use crate::incremental::{
-    Dedup, MICROS_PER_DAY, bronze_source, merge_dedup, scan_bronze, scan_sql, strings, timestamps,
+use crate::PipelineError;
+use crate::bronze::{
+    self, BronzeSink, CALLRESULT, FROM_CHARGER, Message, Select, TO_CHARGER, filter_sql,
+    for_each_message,
 };
+use crate::incremental::{Dedup, MICROS_PER_DAY, Merged, merge_dedup, scan_sql};
 use crate::lake;
-use crate::silver::{BRONZE_COLUMNS, date_in_sql};
-use crate::{PipelineConfig, PipelineError, RunOptions, TableSummary};
+use crate::silver::date_in_sql;
+use crate::silver_job::{Finish, SilverRows, SilverSink, SilverTable, Target, row_sink};
 
 /// SQL name of the meter table.
 pub const METER_TABLE: &str = "silver.meter_values";
@@ -51,13 +57,34 @@ pub const METER_APP_ID: &str = "pipeline-silver-meter_values";
 /// Application transaction id in transaction_events: last bronze version read.
 pub const EVENTS_APP_ID: &str = "pipeline-silver-transaction_events";
 
-const METER_FILTER: &str = "direction = 'cs_to_csms' AND message_type = 2 \
-     AND action IN ('MeterValues', 'StopTransaction', 'TransactionEvent')";
-const EVENTS_FILTER: &str = "((direction = 'cs_to_csms' AND message_type = 2 \
-     AND action IN ('StartTransaction', 'StopTransaction', 'TransactionEvent')) \
-     OR (direction = 'csms_to_cs' AND message_type = 3 AND action = 'StartTransaction'))";
-const EVENTS_COLUMNS: &str =
-    "station_id, ocpp_version, message_id, action, payload, received_at, direction";
+/// `silver.meter_values` for the silver stage.
+pub(crate) const METER_VALUES: SilverTable = SilverTable {
+    name: METER_TABLE,
+    path: SILVER_METER_VALUES,
+    app_id: METER_APP_ID,
+    schema: meter_values_schema,
+    comment: "silver.meter_values: sampled meter values, deduplicated",
+    sink: row_sink::<MeterRows>,
+};
+
+/// `silver.transaction_events` for the silver stage.
+pub(crate) const TRANSACTION_EVENTS: SilverTable = SilverTable {
+    name: EVENTS_TABLE,
+    path: SILVER_TRANSACTION_EVENTS,
+    app_id: EVENTS_APP_ID,
+    schema: transaction_events_schema,
+    comment: "silver.transaction_events: transaction starts, updates and ends, deduplicated",
+    sink: || Box::new(EventsSink::default()),
+};
+
+const EVENTS_SELECTS: &[Select] = &[
+    Select::calls(&["StartTransaction", "StopTransaction", "TransactionEvent"]),
+    Select {
+        direction: TO_CHARGER,
+        message_type: CALLRESULT,
+        actions: &["StartTransaction"],
+    },
+];
 
 fn ts_array(v: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
@@ -65,7 +92,7 @@ fn ts_array(v: Vec<i64>) -> ArrayRef {
 
 /// Columns of new meter rows.
 #[derive(Default)]
-struct MeterRows {
+pub(crate) struct MeterRows {
     date: Vec<i32>,
     station_id: Vec<String>,
     transaction_id: Vec<Option<String>>,
@@ -85,7 +112,49 @@ struct MeterRows {
     sample_index: Vec<i32>,
 }
 
-impl MeterRows {
+impl SilverRows for MeterRows {
+    const SELECTS: &'static [Select] = &[Select::calls(&[
+        "MeterValues",
+        "StopTransaction",
+        "TransactionEvent",
+    ])];
+    const DEDUP: Dedup<'static> = Dedup {
+        key: "date, station_id, message_id, action, sample_index",
+        order: "received_at, ocpp_version, sampled_at, measurand, value",
+        sort: "date, station_id, sampled_at, sample_index",
+    };
+
+    /// The samples of a MeterValues, StopTransaction or TransactionEvent CALL.
+    fn push(&mut self, m: &Message<'_>) {
+        let samples = m.events().iter().filter_map(|e| match e {
+            CoreEvent::MeterSample(s) => Some(s),
+            _ => None,
+        });
+        for (index, s) in samples.enumerate() {
+            let at = s
+                .sampled_at
+                .map(|t| t.timestamp_micros())
+                .unwrap_or(m.received_us);
+            self.date.push(at.div_euclid(MICROS_PER_DAY) as i32);
+            self.station_id.push(m.station.to_string());
+            self.transaction_id.push(s.transaction_id.clone());
+            self.evse_id.push(s.evse_id);
+            self.connector_id.push(s.connector_id);
+            self.sampled_at.push(at);
+            self.measurand.push(s.measurand.clone());
+            self.phase.push(s.phase.clone());
+            self.unit.push(s.unit.clone());
+            self.context.push(s.context.clone());
+            self.location.push(s.location.clone());
+            self.value.push(s.value);
+            self.received_at.push(m.received_us);
+            self.ocpp_version.push(m.version.as_str());
+            self.message_id.push(m.message_id.to_string());
+            self.action.push(m.action.to_string());
+            self.sample_index.push(index as i32);
+        }
+    }
+
     fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Date32Array::from(self.date)),
@@ -111,230 +180,6 @@ impl MeterRows {
     }
 }
 
-fn decode_meter(batch: &RecordBatch, rows: &mut MeterRows) -> Result<(), PipelineError> {
-    let station = strings(batch, "station_id")?;
-    let version = strings(batch, "ocpp_version")?;
-    let message_id = strings(batch, "message_id")?;
-    let action = strings(batch, "action")?;
-    let payload = strings(batch, "payload")?;
-    let received = timestamps(batch, "received_at")?;
-    for i in 0..batch.num_rows() {
-        if payload.is_null(i) || action.is_null(i) || received.is_null(i) {
-            continue;
-        }
-        let Some(v) = OcppVersion::parse(version.value(i)) else {
-            continue;
-        };
-        let Ok(body) = serde_json::from_str::<serde_json::Value>(payload.value(i)) else {
-            continue;
-        };
-        let received_us = received.value(i);
-        let samples = events_from_call(v, action.value(i), &body, None)
-            .into_iter()
-            .filter_map(|e| match e {
-                CoreEvent::MeterSample(s) => Some(s),
-                _ => None,
-            });
-        for (index, s) in samples.enumerate() {
-            let at = s
-                .sampled_at
-                .map(|t| t.timestamp_micros())
-                .unwrap_or(received_us);
-            rows.date.push(at.div_euclid(MICROS_PER_DAY) as i32);
-            rows.station_id.push(station.value(i).to_string());
-            rows.transaction_id.push(s.transaction_id);
-            rows.evse_id.push(s.evse_id);
-            rows.connector_id.push(s.connector_id);
-            rows.sampled_at.push(at);
-            rows.measurand.push(s.measurand);
-            rows.phase.push(s.phase);
-            rows.unit.push(s.unit);
-            rows.context.push(s.context);
-            rows.location.push(s.location);
-            rows.value.push(s.value);
-            rows.received_at.push(received_us);
-            rows.ocpp_version.push(v.as_str());
-            rows.message_id.push(message_id.value(i).to_string());
-            rows.action.push(action.value(i).to_string());
-            rows.sample_index.push(index as i32);
-        }
-    }
-    Ok(())
-}
-
-fn summary_of(name: &str) -> TableSummary {
-    TableSummary {
-        name: name.into(),
-        rows_in: 0,
-        rows_out: 0,
-        dates_rewritten: 0,
-        seconds: 0.0,
-    }
-}
-
-/// Brings `silver.meter_values` up to date with bronze.
-pub async fn meter_values(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = summary_of(METER_TABLE);
-    let bronze_loc = lake::table_location(lake_url, BRONZE_OCPP_MESSAGES)?;
-    let Some(bronze) = lake::load_table(&bronze_loc, &config.storage_options).await? else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let bronze_version = bronze.version().unwrap_or(0);
-    let loc = lake::table_location(lake_url, SILVER_METER_VALUES)?;
-    let schema = meter_values_schema();
-    let table = lake::open_or_create(
-        &loc,
-        &config.storage_options,
-        &schema,
-        "date",
-        "silver.meter_values: sampled meter values, deduplicated",
-    )
-    .await?;
-    let done = lake::app_version(&table, &loc, METER_APP_ID).await?;
-    let Some(source) = bronze_source(&bronze, &bronze_loc, bronze_version, done, opts).await?
-    else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let txn = (!opts.is_range()).then_some((METER_APP_ID, bronze_version as i64));
-    let mut rows = MeterRows::default();
-    summary.rows_in = scan_bronze(
-        ctx,
-        &bronze,
-        &bronze_loc,
-        source,
-        opts,
-        BRONZE_COLUMNS,
-        METER_FILTER,
-        &mut |b| decode_meter(b, &mut rows),
-    )
-    .await?;
-    let merged = merge_dedup(
-        ctx,
-        table,
-        &loc,
-        &schema,
-        rows.into_batch(&schema)?,
-        &Dedup {
-            key: "date, station_id, message_id, action, sample_index",
-            order: "received_at, ocpp_version, sampled_at, measurand, value",
-            sort: "date, station_id, sampled_at, sample_index",
-        },
-        txn.as_slice(),
-    )
-    .await?;
-    summary.rows_out = merged.rows_out;
-    summary.dates_rewritten = merged.dates_rewritten;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
-
-/// One bronze row of the transaction event scan, kept until pairing.
-#[derive(Clone)]
-struct RawMsg {
-    station_id: String,
-    version: OcppVersion,
-    message_id: String,
-    action: String,
-    payload: serde_json::Value,
-    received_at: i64,
-}
-
-/// Bronze rows of a scan: charger CALLs, and the CSMS's StartTransaction
-/// answers keyed by (station, message id).
-#[derive(Default)]
-struct RawMsgs {
-    calls: Vec<RawMsg>,
-    answers: HashMap<(String, String), Vec<RawMsg>>,
-}
-
-impl RawMsgs {
-    fn add(&mut self, batch: &RecordBatch) -> Result<(), PipelineError> {
-        let station = strings(batch, "station_id")?;
-        let version = strings(batch, "ocpp_version")?;
-        let message_id = strings(batch, "message_id")?;
-        let action = strings(batch, "action")?;
-        let payload = strings(batch, "payload")?;
-        let received = timestamps(batch, "received_at")?;
-        let direction = strings(batch, "direction")?;
-        for i in 0..batch.num_rows() {
-            if payload.is_null(i) || action.is_null(i) || received.is_null(i) {
-                continue;
-            }
-            let Some(v) = OcppVersion::parse(version.value(i)) else {
-                continue;
-            };
-            let Ok(body) = serde_json::from_str::<serde_json::Value>(payload.value(i)) else {
-                continue;
-            };
-            let msg = RawMsg {
-                station_id: station.value(i).to_string(),
-                version: v,
-                message_id: message_id.value(i).to_string(),
-                action: action.value(i).to_string(),
-                payload: body,
-                received_at: received.value(i),
-            };
-            if direction.value(i) == "csms_to_cs" {
-                let list = self
-                    .answers
-                    .entry((msg.station_id.clone(), msg.message_id.clone()))
-                    .or_default();
-                // The same answer read twice (re-read partitions) is one answer.
-                if !list.iter().any(|m| m.received_at == msg.received_at) {
-                    list.push(msg);
-                }
-            } else {
-                self.calls.push(msg);
-            }
-        }
-        Ok(())
-    }
-
-    /// (station, message id) of 1.6 StartTransaction CALLs without an
-    /// answer here, and of answers without their CALL here, with the dates
-    /// (Date32) to look in.
-    fn unpaired(&self) -> (Vec<(String, String)>, BTreeSet<i32>) {
-        let mut keys = BTreeSet::new();
-        let mut days = BTreeSet::new();
-        let mut call_keys = BTreeSet::new();
-        for c in self.calls.iter().filter(|c| is_start16(c)) {
-            let key = (c.station_id.clone(), c.message_id.clone());
-            if !self.answers.contains_key(&key) {
-                push_days(&mut days, c.received_at);
-                keys.insert(key.clone());
-            }
-            call_keys.insert(key);
-        }
-        for (key, answers) in &self.answers {
-            if !call_keys.contains(key) {
-                for a in answers {
-                    push_days(&mut days, a.received_at);
-                }
-                keys.insert(key.clone());
-            }
-        }
-        (keys.into_iter().collect(), days)
-    }
-}
-
-fn push_days(days: &mut BTreeSet<i32>, at: i64) {
-    let d = at.div_euclid(MICROS_PER_DAY) as i32;
-    days.extend([d - 1, d, d + 1]);
-}
-
-fn is_start16(m: &RawMsg) -> bool {
-    m.version == OcppVersion::V16 && m.action == "StartTransaction"
-}
-
-/// Columns of new transaction event rows.
 #[derive(Default)]
 struct EventRows {
     date: Vec<i32>,
@@ -413,15 +258,14 @@ fn tx_fields(e: CoreEvent) -> Option<TxFields> {
 }
 
 impl EventRows {
-    fn push(&mut self, msg: &RawMsg, response: Option<&serde_json::Value>) {
-        let events = events_from_call(msg.version, &msg.action, &msg.payload, response);
-        // One transaction event per message at most (the main event).
+    /// The transaction event of a message (one at most: the main event).
+    fn push(&mut self, msg: Head<'_>, events: impl IntoIterator<Item = CoreEvent>) {
         let Some(f) = events.into_iter().find_map(tx_fields) else {
             return;
         };
         let at = f.event_time.unwrap_or(msg.received_at);
         self.date.push(at.div_euclid(MICROS_PER_DAY) as i32);
-        self.station_id.push(msg.station_id.clone());
+        self.station_id.push(msg.station_id.to_string());
         self.transaction_id.push(f.transaction_id);
         self.kind.push(f.kind);
         self.seq_no.push(f.seq_no);
@@ -434,8 +278,8 @@ impl EventRows {
         self.stop_reason.push(f.stop_reason);
         self.trigger_reason.push(f.trigger_reason);
         self.ocpp_version.push(msg.version.as_str());
-        self.message_id.push(msg.message_id.clone());
-        self.action.push(msg.action.clone());
+        self.message_id.push(msg.message_id.to_string());
+        self.action.push(msg.action.to_string());
     }
 
     fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
@@ -464,12 +308,205 @@ impl EventRows {
 
 /// Looks up in bronze the other side of unpaired 1.6 StartTransaction
 /// messages (see the module docs).
-async fn complete_pairs(
-    ctx: &SessionContext,
-    bronze: &deltalake::DeltaTable,
-    bronze_loc: &str,
-    raw: &mut RawMsgs,
-) -> Result<u64, PipelineError> {
+/// A 1.6 StartTransaction CALL or answer, kept until pairing.
+#[derive(Clone)]
+struct RawMsg {
+    station_id: String,
+    version: OcppVersion,
+    message_id: String,
+    action: String,
+    payload: serde_json::Value,
+    received_at: i64,
+}
+
+/// The identity columns of a message an event row is made from.
+struct Head<'a> {
+    station_id: &'a str,
+    version: OcppVersion,
+    message_id: &'a str,
+    action: &'a str,
+    received_at: i64,
+}
+
+impl RawMsg {
+    fn head(&self) -> Head<'_> {
+        Head {
+            station_id: &self.station_id,
+            version: self.version,
+            message_id: &self.message_id,
+            action: &self.action,
+            received_at: self.received_at,
+        }
+    }
+}
+
+fn is_start16(m: &Message<'_>) -> bool {
+    m.version == OcppVersion::V16 && m.action == "StartTransaction"
+}
+
+/// 1.6 StartTransaction CALLs, and the CSMS's answers keyed by (station,
+/// message id), awaiting pairing.
+#[derive(Default)]
+struct RawMsgs {
+    calls: Vec<RawMsg>,
+    /// (station, message id, received_at) of `calls`.
+    call_ids: HashSet<(String, String, i64)>,
+    answers: HashMap<(String, String), Vec<RawMsg>>,
+}
+
+impl RawMsgs {
+    /// Keeps a 1.6 StartTransaction CALL or answer (once: the same message
+    /// read twice, from re-read partitions or a look-up, is one message).
+    fn add(&mut self, m: &Message<'_>) {
+        let Some(body) = m.body() else { return };
+        let msg = RawMsg {
+            station_id: m.station.to_string(),
+            version: m.version,
+            message_id: m.message_id.to_string(),
+            action: m.action.to_string(),
+            payload: body.clone(),
+            received_at: m.received_us,
+        };
+        if m.direction == TO_CHARGER {
+            let list = self
+                .answers
+                .entry((msg.station_id.clone(), msg.message_id.clone()))
+                .or_default();
+            if !list.iter().any(|a| a.received_at == msg.received_at) {
+                list.push(msg);
+            }
+        } else if self.call_ids.insert((
+            msg.station_id.clone(),
+            msg.message_id.clone(),
+            msg.received_at,
+        )) {
+            self.calls.push(msg);
+        }
+    }
+
+    /// (station, message id) of CALLs without an answer here, and of answers
+    /// without their CALL here, with the bronze dates (Date32) to look in.
+    fn unpaired(&self) -> (Vec<(String, String)>, BTreeSet<i32>) {
+        let mut keys = BTreeSet::new();
+        let mut days = BTreeSet::new();
+        let mut call_keys = BTreeSet::new();
+        for c in &self.calls {
+            let key = (c.station_id.clone(), c.message_id.clone());
+            if !self.answers.contains_key(&key) {
+                push_days(&mut days, c.received_at);
+                keys.insert(key.clone());
+            }
+            call_keys.insert(key);
+        }
+        for (key, answers) in &self.answers {
+            if !call_keys.contains(key) {
+                for a in answers {
+                    push_days(&mut days, a.received_at);
+                }
+                keys.insert(key.clone());
+            }
+        }
+        (keys.into_iter().collect(), days)
+    }
+
+    /// The answer to `c`: the first received at or after it, else the last.
+    fn answer_to(&self, c: &RawMsg) -> Option<&RawMsg> {
+        let list = self
+            .answers
+            .get(&(c.station_id.clone(), c.message_id.clone()))?;
+        list.iter()
+            .filter(|a| a.received_at >= c.received_at)
+            .min_by_key(|a| a.received_at)
+            .or_else(|| list.iter().max_by_key(|a| a.received_at))
+    }
+}
+
+fn push_days(days: &mut BTreeSet<i32>, at: i64) {
+    let d = at.div_euclid(MICROS_PER_DAY) as i32;
+    days.extend([d - 1, d, d + 1]);
+}
+
+/// The `silver.transaction_events` decoder: events of every message but
+/// 1.6 StartTransaction at once; those when paired with their answer.
+#[derive(Default)]
+struct EventsSink {
+    rows: EventRows,
+    pending: RawMsgs,
+}
+
+impl BronzeSink for EventsSink {
+    fn selects(&self) -> &'static [Select] {
+        EVENTS_SELECTS
+    }
+
+    fn accept(&mut self, m: &Message<'_>) {
+        if m.direction == TO_CHARGER || is_start16(m) {
+            self.pending.add(m);
+            return;
+        }
+        let main = m.events().iter().find(|e| {
+            matches!(
+                e,
+                CoreEvent::TransactionStarted(_)
+                    | CoreEvent::TransactionUpdated(_)
+                    | CoreEvent::TransactionEnded(_)
+            )
+        });
+        self.rows.push(
+            Head {
+                station_id: m.station,
+                version: m.version,
+                message_id: m.message_id,
+                action: m.action,
+                received_at: m.received_us,
+            },
+            main.cloned(),
+        );
+    }
+}
+
+impl SilverSink for EventsSink {
+    fn finish<'a>(
+        self: Box<Self>,
+        cx: &'a Finish<'a>,
+        target: Target,
+    ) -> BoxFuture<'a, Result<Merged, PipelineError>> {
+        Box::pin(async move {
+            let EventsSink {
+                mut rows,
+                mut pending,
+            } = *self;
+            complete_pairs(cx, &mut pending).await?;
+            for c in &pending.calls {
+                if let Some(a) = pending.answer_to(c) {
+                    rows.push(
+                        c.head(),
+                        events_from_call(c.version, &c.action, &c.payload, Some(&a.payload)),
+                    );
+                }
+            }
+            merge_dedup(
+                cx.ctx,
+                target.table,
+                &target.loc,
+                &target.schema,
+                rows.into_batch(&target.schema)?,
+                &Dedup {
+                    key: "date, station_id, message_id, action",
+                    order: "received_at, ocpp_version, transaction_id, kind, event_time",
+                    sort: "date, station_id, transaction_id, event_time",
+                },
+                target.txn.as_slice(),
+            )
+            .await
+        })
+    }
+}
+
+/// Looks up in bronze the other side of unpaired 1.6 StartTransaction
+/// messages (see the module docs); returns the rows read.
+async fn complete_pairs(cx: &Finish<'_>, raw: &mut RawMsgs) -> Result<u64, PipelineError> {
+    let ctx = cx.ctx;
     let (keys, days) = raw.unpaired();
     if keys.is_empty() {
         return Ok(0);
@@ -492,126 +529,25 @@ async fn complete_pairs(
     )?;
     ctx.register_table(
         "bronze_pair",
-        lake::provider(ctx, bronze, bronze_loc).await?,
+        lake::provider(ctx, cx.bronze, cx.bronze_loc).await?,
     )?;
     let sql = format!(
-        "SELECT {EVENTS_COLUMNS} FROM bronze_pair JOIN pair_keys
+        "SELECT {} FROM bronze_pair JOIN pair_keys
            ON station_id = k_station AND message_id = k_message
-         WHERE action = 'StartTransaction' AND {EVENTS_FILTER} AND {}",
+         WHERE action = 'StartTransaction' AND {} AND {}",
+        bronze::COLUMNS,
+        filter_sql(EVENTS_SELECTS),
         date_in_sql("date", &days)
     );
-    let mut found = RawMsgs::default();
-    let read = scan_sql(ctx, &sql, &mut |b| found.add(b)).await;
+    let read = scan_sql(ctx, &sql, &mut |b| {
+        for_each_message(b, &mut |m| {
+            if m.direction == TO_CHARGER || (m.direction == FROM_CHARGER && is_start16(m)) {
+                raw.add(m);
+            }
+        })
+    })
+    .await;
     ctx.deregister_table("bronze_pair")?;
     ctx.deregister_table("pair_keys")?;
-    let read = read?;
-    let known: BTreeSet<(String, String, i64)> = raw
-        .calls
-        .iter()
-        .filter(|c| is_start16(c))
-        .map(|c| (c.station_id.clone(), c.message_id.clone(), c.received_at))
-        .collect();
-    for c in found.calls {
-        if !known.contains(&(c.station_id.clone(), c.message_id.clone(), c.received_at)) {
-            raw.calls.push(c);
-        }
-    }
-    for (key, answers) in found.answers {
-        let list = raw.answers.entry(key).or_default();
-        for a in answers {
-            if !list.iter().any(|m| m.received_at == a.received_at) {
-                list.push(a);
-            }
-        }
-    }
-    Ok(read)
-}
-
-fn decode_events(raw: &RawMsgs) -> EventRows {
-    let mut rows = EventRows::default();
-    for c in &raw.calls {
-        if is_start16(c) {
-            let answers = raw
-                .answers
-                .get(&(c.station_id.clone(), c.message_id.clone()));
-            let answer = answers.and_then(|list| {
-                list.iter()
-                    .filter(|a| a.received_at >= c.received_at)
-                    .min_by_key(|a| a.received_at)
-                    .or_else(|| list.iter().max_by_key(|a| a.received_at))
-            });
-            if let Some(a) = answer {
-                rows.push(c, Some(&a.payload));
-            }
-        } else {
-            rows.push(c, None);
-        }
-    }
-    rows
-}
-
-/// Brings `silver.transaction_events` up to date with bronze.
-pub async fn transaction_events(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = summary_of(EVENTS_TABLE);
-    let bronze_loc = lake::table_location(lake_url, BRONZE_OCPP_MESSAGES)?;
-    let Some(bronze) = lake::load_table(&bronze_loc, &config.storage_options).await? else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let bronze_version = bronze.version().unwrap_or(0);
-    let loc = lake::table_location(lake_url, SILVER_TRANSACTION_EVENTS)?;
-    let schema = transaction_events_schema();
-    let table = lake::open_or_create(
-        &loc,
-        &config.storage_options,
-        &schema,
-        "date",
-        "silver.transaction_events: transaction starts, updates and ends, deduplicated",
-    )
-    .await?;
-    let done = lake::app_version(&table, &loc, EVENTS_APP_ID).await?;
-    let Some(source) = bronze_source(&bronze, &bronze_loc, bronze_version, done, opts).await?
-    else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let txn = (!opts.is_range()).then_some((EVENTS_APP_ID, bronze_version as i64));
-    let mut raw = RawMsgs::default();
-    summary.rows_in = scan_bronze(
-        ctx,
-        &bronze,
-        &bronze_loc,
-        source,
-        opts,
-        EVENTS_COLUMNS,
-        EVENTS_FILTER,
-        &mut |b| raw.add(b),
-    )
-    .await?;
-    complete_pairs(ctx, &bronze, &bronze_loc, &mut raw).await?;
-    let rows = decode_events(&raw);
-    let merged = merge_dedup(
-        ctx,
-        table,
-        &loc,
-        &schema,
-        rows.into_batch(&schema)?,
-        &Dedup {
-            key: "date, station_id, message_id, action",
-            order: "received_at, ocpp_version, transaction_id, kind, event_time",
-            sort: "date, station_id, transaction_id, event_time",
-        },
-        txn.as_slice(),
-    )
-    .await?;
-    summary.rows_out = merged.rows_out;
-    summary.dates_rewritten = merged.dates_rewritten;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    read
 }

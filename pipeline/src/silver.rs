@@ -5,9 +5,10 @@
 //! Rows come from charger CALLs (`cs_to_csms`, message type 2) of
 //! StatusNotification (all versions) and NotifyEvent (2.x, whose
 //! `AvailabilityState` reports the adapter turns into status changes),
-//! decoded per row in Rust through [`schemas::events_from_call`], the
-//! adapters ingest uses too. Event time is the payload's timestamp, else the
-//! time the message was received.
+//! decoded in the silver stage's one bronze pass ([`crate::silver_job`])
+//! through [`schemas::events_from_call`], the adapters ingest uses too.
+//! Event time is the payload's timestamp, else the time the message was
+//! received.
 //!
 //! # Deduplication
 //! A row's identity is (`date`, `station_id`, `message_id`, `action`,
@@ -26,24 +27,22 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 use chrono::{Datelike, NaiveDate};
 use deltalake::arrow::array::{
-    Array, ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray,
+    ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::SchemaRef;
-use deltalake::datafusion::prelude::{Expr, SessionContext, col, lit};
+use deltalake::datafusion::prelude::{Expr, col, lit};
 use deltalake::datafusion::scalar::ScalarValue;
-use schemas::tables::{BRONZE_OCPP_MESSAGES, SILVER_STATUS_EVENTS, status_events_schema};
-use schemas::{CoreEvent, OcppVersion, events_from_call};
+use schemas::CoreEvent;
+use schemas::tables::{SILVER_STATUS_EVENTS, status_events_schema};
 
-use crate::incremental::{
-    Dedup, MICROS_PER_DAY, bronze_source, merge_dedup, scan_bronze, strings, timestamps,
-};
-use crate::lake;
-use crate::{PipelineConfig, PipelineError, RunOptions, TableSummary};
+use crate::bronze::{Message, Select};
+use crate::incremental::{Dedup, MICROS_PER_DAY};
+use crate::silver_job::{SilverRows, SilverTable, row_sink};
+use crate::{PipelineError, RunOptions};
 
 /// SQL name of the table.
 pub const TABLE: &str = "silver.status_events";
@@ -95,7 +94,7 @@ pub(crate) fn range_sql(column: &str, opts: &RunOptions) -> String {
 
 /// Columns of new silver rows, built while decoding bronze.
 #[derive(Default)]
-struct Rows {
+pub(crate) struct Rows {
     date: Vec<i32>,
     station_id: Vec<String>,
     evse_id: Vec<Option<i32>>,
@@ -113,7 +112,44 @@ struct Rows {
     event_index: Vec<i32>,
 }
 
-impl Rows {
+impl SilverRows for Rows {
+    const SELECTS: &'static [Select] = &[Select::calls(&["StatusNotification", "NotifyEvent"])];
+    const DEDUP: Dedup<'static> = Dedup {
+        key: "date, station_id, message_id, action, event_index",
+        order: "received_at, ocpp_version, event_time, connector_id, evse_id, \
+                status, error_code, info, vendor_error_code",
+        sort: "date, station_id, event_time, connector_id",
+    };
+
+    /// Status change rows of a StatusNotification or NotifyEvent CALL.
+    fn push(&mut self, m: &Message<'_>) {
+        let changes = m.events().iter().filter_map(|e| match e {
+            CoreEvent::StatusChanged(s) => Some(s),
+            _ => None,
+        });
+        for (index, s) in changes.enumerate() {
+            let event_us = s
+                .event_time
+                .map(|t| t.timestamp_micros())
+                .unwrap_or(m.received_us);
+            self.date.push(event_us.div_euclid(MICROS_PER_DAY) as i32);
+            self.station_id.push(m.station.to_string());
+            self.evse_id.push(s.evse_id);
+            self.connector_id.push(s.connector_id);
+            self.status.push(s.status.clone());
+            self.is_fault.push(s.is_fault);
+            self.error_code.push(s.error_code.clone());
+            self.info.push(s.info.clone());
+            self.vendor_error_code.push(s.vendor_error_code.clone());
+            self.event_time.push(event_us);
+            self.received_at.push(m.received_us);
+            self.ocpp_version.push(m.version.as_str());
+            self.message_id.push(m.message_id.to_string());
+            self.action.push(m.action.to_string());
+            self.event_index.push(index as i32);
+        }
+    }
+
     fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
         let ts = |v: Vec<i64>| -> ArrayRef {
             Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
@@ -140,136 +176,16 @@ impl Rows {
     }
 }
 
-/// Decodes bronze CALL rows (station_id, ocpp_version, message_id, action,
-/// payload, received_at) into status change rows.
-fn decode(batch: &RecordBatch, rows: &mut Rows) -> Result<(), PipelineError> {
-    let station = strings(batch, "station_id")?;
-    let version = strings(batch, "ocpp_version")?;
-    let message_id = strings(batch, "message_id")?;
-    let action = strings(batch, "action")?;
-    let payload = strings(batch, "payload")?;
-    let received = timestamps(batch, "received_at")?;
-    for i in 0..batch.num_rows() {
-        if payload.is_null(i) || action.is_null(i) || received.is_null(i) {
-            continue;
-        }
-        let Some(v) = OcppVersion::parse(version.value(i)) else {
-            continue;
-        };
-        let Ok(body) = serde_json::from_str::<serde_json::Value>(payload.value(i)) else {
-            continue;
-        };
-        let received_us = received.value(i);
-        let changes = events_from_call(v, action.value(i), &body, None)
-            .into_iter()
-            .filter_map(|e| match e {
-                CoreEvent::StatusChanged(s) => Some(s),
-                _ => None,
-            });
-        for (index, s) in changes.enumerate() {
-            let event_us = s
-                .event_time
-                .map(|t| t.timestamp_micros())
-                .unwrap_or(received_us);
-            rows.date.push(event_us.div_euclid(MICROS_PER_DAY) as i32);
-            rows.station_id.push(station.value(i).to_string());
-            rows.evse_id.push(s.evse_id);
-            rows.connector_id.push(s.connector_id);
-            rows.status.push(s.status);
-            rows.is_fault.push(s.is_fault);
-            rows.error_code.push(s.error_code);
-            rows.info.push(s.info);
-            rows.vendor_error_code.push(s.vendor_error_code);
-            rows.event_time.push(event_us);
-            rows.received_at.push(received_us);
-            rows.ocpp_version.push(v.as_str());
-            rows.message_id.push(message_id.value(i).to_string());
-            rows.action.push(action.value(i).to_string());
-            rows.event_index.push(index as i32);
-        }
-    }
-    Ok(())
-}
-
-const STATUS_FILTER: &str = "direction = 'cs_to_csms' AND message_type = 2 \
-     AND action IN ('StatusNotification', 'NotifyEvent')";
-/// The bronze columns the silver decoders read.
-pub(crate) const BRONZE_COLUMNS: &str =
-    "station_id, ocpp_version, message_id, action, payload, received_at";
-
-/// Brings `silver.status_events` up to date with bronze (see the module docs
-/// and [`RunOptions`] for the range mode).
-pub async fn status_events(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = TableSummary {
-        name: TABLE.into(),
-        rows_in: 0,
-        rows_out: 0,
-        dates_rewritten: 0,
-        seconds: 0.0,
-    };
-    let bronze_loc = lake::table_location(lake_url, BRONZE_OCPP_MESSAGES)?;
-    let Some(bronze) = lake::load_table(&bronze_loc, &config.storage_options).await? else {
-        tracing::info!(table = bronze_loc, "no bronze table yet: nothing to do");
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let bronze_version = bronze.version().unwrap_or(0);
-    let silver_loc = lake::table_location(lake_url, SILVER_STATUS_EVENTS)?;
-    let schema = status_events_schema();
-    let silver = lake::open_or_create(
-        &silver_loc,
-        &config.storage_options,
-        &schema,
-        "date",
-        "silver.status_events: status changes from StatusNotification and NotifyEvent, deduplicated",
-    )
-    .await?;
-    let done = lake::app_version(&silver, &silver_loc, APP_ID).await?;
-    let Some(source) = bronze_source(&bronze, &bronze_loc, bronze_version, done, opts).await?
-    else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let txn = (!opts.is_range()).then_some((APP_ID, bronze_version as i64));
-
-    let mut rows = Rows::default();
-    summary.rows_in = scan_bronze(
-        ctx,
-        &bronze,
-        &bronze_loc,
-        source,
-        opts,
-        BRONZE_COLUMNS,
-        STATUS_FILTER,
-        &mut |b| decode(b, &mut rows),
-    )
-    .await?;
-    let merged = merge_dedup(
-        ctx,
-        silver,
-        &silver_loc,
-        &schema,
-        rows.into_batch(&schema)?,
-        &Dedup {
-            key: "date, station_id, message_id, action, event_index",
-            order: "received_at, ocpp_version, event_time, connector_id, evse_id, \
-                    status, error_code, info, vendor_error_code",
-            sort: "date, station_id, event_time, connector_id",
-        },
-        txn.as_slice(),
-    )
-    .await?;
-    summary.rows_out = merged.rows_out;
-    summary.dates_rewritten = merged.dates_rewritten;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
+/// `silver.status_events` for the silver stage.
+pub(crate) const STATUS_EVENTS: SilverTable = SilverTable {
+    name: TABLE,
+    path: SILVER_STATUS_EVENTS,
+    app_id: APP_ID,
+    schema: status_events_schema,
+    comment: "silver.status_events: status changes from StatusNotification and NotifyEvent, \
+              deduplicated",
+    sink: row_sink::<Rows>,
+};
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,9 @@
 //!   deduplicated on (date, station_id, message_id, attribute_index).
 //! - `silver.heartbeats`: Heartbeat CALLs counted per station and UTC hour.
 //!
+//! All three are fed by the silver stage's one bronze pass
+//! ([`crate::silver_job`]).
+//!
 //! # Heartbeat counts
 //! A count is not a union of rows, so the deduplicating merge does not
 //! apply. Instead the run collects the dates its new bronze rows touch and
@@ -23,29 +26,29 @@
 //! re-read copies (bronze compaction, `--from/--to`) cost no commit. Known
 //! limit: a retransmitted heartbeat received in another hour counts in both.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
 
 use deltalake::arrow::array::{
-    Array, ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::SchemaRef;
-use deltalake::datafusion::prelude::SessionContext;
+use futures_util::future::BoxFuture;
 use schemas::tables::{
-    BRONZE_OCPP_MESSAGES, SILVER_BOOTS, SILVER_DEVICE_MODEL, SILVER_HEARTBEATS, boots_schema,
-    device_model_schema, heartbeats_schema,
+    SILVER_BOOTS, SILVER_DEVICE_MODEL, SILVER_HEARTBEATS, boots_schema, device_model_schema,
+    heartbeats_schema,
 };
-use schemas::{CoreEvent, OcppVersion, events_from_call, parse_timestamp};
+use schemas::{CoreEvent, parse_timestamp};
 
+use crate::PipelineError;
+use crate::bronze::{BronzeSink, Message, Select, filter_sql};
 use crate::incremental::{
-    Dedup, MICROS_PER_DAY, bronze_source, dates, ints, merge_dedup, scan_bronze, scan_sql, strings,
-    timestamps,
+    Dedup, MICROS_PER_DAY, Merged, dates, ints, scan_sql, strings, timestamps,
 };
 use crate::lake;
-use crate::silver::{BRONZE_COLUMNS, date_in, date_in_sql};
-use crate::{PipelineConfig, PipelineError, RunOptions, TableSummary};
+use crate::silver::{date_in, date_in_sql};
+use crate::silver_job::{Finish, SilverRows, SilverSink, SilverTable, Target, row_sink};
 
 /// SQL name of `silver.boots`.
 pub const BOOTS_TABLE: &str = "silver.boots";
@@ -70,109 +73,38 @@ fn batch(schema: &SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch, Pipe
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| PipelineError::Arrow(e.to_string()))
 }
 
-/// One decoded bronze CALL: its identity columns and parsed payload.
-struct Call<'a> {
-    station: &'a str,
-    version: OcppVersion,
-    message_id: &'a str,
-    action: &'a str,
-    body: serde_json::Value,
-    received_us: i64,
-}
+/// `silver.boots` for the silver stage.
+pub(crate) const BOOTS: SilverTable = SilverTable {
+    name: BOOTS_TABLE,
+    path: SILVER_BOOTS,
+    app_id: BOOTS_APP_ID,
+    schema: boots_schema,
+    comment: "silver.boots: BootNotifications, deduplicated",
+    sink: row_sink::<BootRows>,
+};
 
-/// Decodes the CALL rows of a bronze batch, skipping unreadable ones (ingest
-/// validated them; a row failing here has nothing to contribute).
-fn for_each_call(batch: &RecordBatch, f: &mut dyn FnMut(Call<'_>)) -> Result<(), PipelineError> {
-    let station = strings(batch, "station_id")?;
-    let version = strings(batch, "ocpp_version")?;
-    let message_id = strings(batch, "message_id")?;
-    let action = strings(batch, "action")?;
-    let payload = strings(batch, "payload")?;
-    let received = timestamps(batch, "received_at")?;
-    for i in 0..batch.num_rows() {
-        if payload.is_null(i) || action.is_null(i) || received.is_null(i) {
-            continue;
-        }
-        let Some(v) = OcppVersion::parse(version.value(i)) else {
-            continue;
-        };
-        let Ok(body) = serde_json::from_str::<serde_json::Value>(payload.value(i)) else {
-            continue;
-        };
-        f(Call {
-            station: station.value(i),
-            version: v,
-            message_id: message_id.value(i),
-            action: action.value(i),
-            body,
-            received_us: received.value(i),
-        });
-    }
-    Ok(())
-}
+/// `silver.device_model` for the silver stage.
+pub(crate) const DEVICE_MODEL: SilverTable = SilverTable {
+    name: DEVICE_MODEL_TABLE,
+    path: SILVER_DEVICE_MODEL,
+    app_id: DEVICE_MODEL_APP_ID,
+    schema: device_model_schema,
+    comment: "silver.device_model: NotifyReport attributes, deduplicated",
+    sink: row_sink::<DeviceRows>,
+};
 
-fn summary(name: &str) -> TableSummary {
-    TableSummary {
-        name: name.into(),
-        rows_in: 0,
-        rows_out: 0,
-        dates_rewritten: 0,
-        seconds: 0.0,
-    }
-}
-
-/// What the three jobs share: bronze, the target, and where to start.
-struct Job {
-    bronze: deltalake::DeltaTable,
-    bronze_loc: String,
-    silver: deltalake::DeltaTable,
-    silver_loc: String,
-    source: crate::incremental::Source,
-    txn: Option<(&'static str, i64)>,
-}
-
-/// Opens bronze and the target; `None` when there is nothing to do.
-async fn prepare(
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-    table: &str,
-    schema: &SchemaRef,
-    app_id: &'static str,
-    description: &str,
-) -> Result<Option<Job>, PipelineError> {
-    let bronze_loc = lake::table_location(lake_url, BRONZE_OCPP_MESSAGES)?;
-    let Some(bronze) = lake::load_table(&bronze_loc, &config.storage_options).await? else {
-        tracing::info!(table = bronze_loc, "no bronze table yet: nothing to do");
-        return Ok(None);
-    };
-    let bronze_version = bronze.version().unwrap_or(0);
-    let silver_loc = lake::table_location(lake_url, table)?;
-    let silver = lake::open_or_create(
-        &silver_loc,
-        &config.storage_options,
-        schema,
-        "date",
-        description,
-    )
-    .await?;
-    let done = lake::app_version(&silver, &silver_loc, app_id).await?;
-    let Some(source) = bronze_source(&bronze, &bronze_loc, bronze_version, done, opts).await?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(Job {
-        bronze,
-        bronze_loc,
-        silver,
-        silver_loc,
-        source,
-        txn: (!opts.is_range()).then_some((app_id, bronze_version as i64)),
-    }))
-}
+/// `silver.heartbeats` for the silver stage.
+pub(crate) const HEARTBEATS: SilverTable = SilverTable {
+    name: HEARTBEATS_TABLE,
+    path: SILVER_HEARTBEATS,
+    app_id: HEARTBEATS_APP_ID,
+    schema: heartbeats_schema,
+    comment: "silver.heartbeats: Heartbeat CALLs per station per UTC hour",
+    sink: || Box::new(HeartbeatSink::default()),
+};
 
 #[derive(Default)]
-struct BootRows {
+pub(crate) struct BootRows {
     date: Vec<i32>,
     station_id: Vec<String>,
     vendor: Vec<String>,
@@ -185,18 +117,26 @@ struct BootRows {
     message_id: Vec<String>,
 }
 
-impl BootRows {
-    fn push(&mut self, c: &Call<'_>) {
-        for e in events_from_call(c.version, c.action, &c.body, None) {
+impl SilverRows for BootRows {
+    const SELECTS: &'static [Select] = &[Select::calls(&["BootNotification"])];
+    const DEDUP: Dedup<'static> = Dedup {
+        key: "date, station_id, message_id",
+        order: "received_at, ocpp_version, vendor, model, serial_number, \
+                firmware_version, reason",
+        sort: "date, station_id, event_time",
+    };
+
+    fn push(&mut self, c: &Message<'_>) {
+        for e in c.events() {
             let CoreEvent::Boot(b) = e else { continue };
             self.date
                 .push(c.received_us.div_euclid(MICROS_PER_DAY) as i32);
             self.station_id.push(c.station.to_string());
-            self.vendor.push(b.vendor);
-            self.model.push(b.model);
-            self.serial_number.push(b.serial_number);
-            self.firmware_version.push(b.firmware_version);
-            self.reason.push(b.reason);
+            self.vendor.push(b.vendor.clone());
+            self.model.push(b.model.clone());
+            self.serial_number.push(b.serial_number.clone());
+            self.firmware_version.push(b.firmware_version.clone());
+            self.reason.push(b.reason.clone());
             self.received_at.push(c.received_us);
             self.ocpp_version.push(c.version.as_str());
             self.message_id.push(c.message_id.to_string());
@@ -223,66 +163,8 @@ impl BootRows {
     }
 }
 
-const BOOT_FILTER: &str =
-    "direction = 'cs_to_csms' AND message_type = 2 AND action = 'BootNotification'";
-
-/// Brings `silver.boots` up to date with bronze.
-pub async fn boots(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = summary(BOOTS_TABLE);
-    let schema = boots_schema();
-    if let Some(job) = prepare(
-        lake_url,
-        config,
-        opts,
-        SILVER_BOOTS,
-        &schema,
-        BOOTS_APP_ID,
-        "silver.boots: BootNotifications, deduplicated",
-    )
-    .await?
-    {
-        let mut rows = BootRows::default();
-        summary.rows_in = scan_bronze(
-            ctx,
-            &job.bronze,
-            &job.bronze_loc,
-            job.source,
-            opts,
-            BRONZE_COLUMNS,
-            BOOT_FILTER,
-            &mut |b| for_each_call(b, &mut |c| rows.push(&c)),
-        )
-        .await?;
-        let merged = merge_dedup(
-            ctx,
-            job.silver,
-            &job.silver_loc,
-            &schema,
-            rows.into_batch(&schema)?,
-            &Dedup {
-                key: "date, station_id, message_id",
-                order: "received_at, ocpp_version, vendor, model, serial_number, \
-                        firmware_version, reason",
-                sort: "date, station_id, event_time",
-            },
-            job.txn.as_slice(),
-        )
-        .await?;
-        summary.rows_out = merged.rows_out;
-        summary.dates_rewritten = merged.dates_rewritten;
-    }
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
-
 #[derive(Default)]
-struct DeviceRows {
+pub(crate) struct DeviceRows {
     date: Vec<i32>,
     station_id: Vec<String>,
     component: Vec<String>,
@@ -303,21 +185,32 @@ struct DeviceRows {
     attribute_index: Vec<i32>,
 }
 
-impl DeviceRows {
-    fn push(&mut self, c: &Call<'_>) {
+impl SilverRows for DeviceRows {
+    const SELECTS: &'static [Select] = &[Select::calls(&["NotifyReport"])];
+    const DEDUP: Dedup<'static> = Dedup {
+        key: "date, station_id, message_id, attribute_index",
+        order: "received_at, ocpp_version, reported_at, component, \
+                component_instance, evse_id, connector_id, variable, \
+                variable_instance, attribute_type, value, mutability, \
+                request_id, seq_no",
+        sort: "date, station_id, reported_at, message_id, attribute_index",
+    };
+
+    fn push(&mut self, c: &Message<'_>) {
         // The adapter's DeviceVariable carries the report's entries only; the
         // report header (generatedAt, requestId, seqNo) is read here.
-        let reported_us = c
-            .body
+        let Some(body) = c.body() else { return };
+        let reported_us = body
             .get("generatedAt")
             .and_then(|v| v.as_str())
             .and_then(parse_timestamp)
             .map(|t| t.timestamp_micros())
             .unwrap_or(c.received_us);
-        let request_id = c.body.get("requestId").and_then(|v| v.as_i64());
-        let seq_no = c.body.get("seqNo").and_then(|v| v.as_i64());
-        let vars = events_from_call(c.version, c.action, &c.body, None)
-            .into_iter()
+        let request_id = body.get("requestId").and_then(|v| v.as_i64());
+        let seq_no = body.get("seqNo").and_then(|v| v.as_i64());
+        let vars = c
+            .events()
+            .iter()
             .filter_map(|e| match e {
                 CoreEvent::DeviceModelReport(vars) => Some(vars),
                 _ => None,
@@ -327,15 +220,15 @@ impl DeviceRows {
             self.date
                 .push(reported_us.div_euclid(MICROS_PER_DAY) as i32);
             self.station_id.push(c.station.to_string());
-            self.component.push(v.component);
-            self.component_instance.push(v.component_instance);
+            self.component.push(v.component.clone());
+            self.component_instance.push(v.component_instance.clone());
             self.evse_id.push(v.evse_id);
             self.connector_id.push(v.connector_id);
-            self.variable.push(v.variable);
-            self.variable_instance.push(v.variable_instance);
-            self.attribute_type.push(v.attribute_type);
-            self.value.push(v.value);
-            self.mutability.push(v.mutability);
+            self.variable.push(v.variable.clone());
+            self.variable_instance.push(v.variable_instance.clone());
+            self.attribute_type.push(v.attribute_type.clone());
+            self.value.push(v.value.clone());
+            self.mutability.push(v.mutability.clone());
             self.reported_at.push(reported_us);
             self.received_at.push(c.received_us);
             self.request_id.push(request_id);
@@ -373,66 +266,6 @@ impl DeviceRows {
     }
 }
 
-const REPORT_FILTER: &str =
-    "direction = 'cs_to_csms' AND message_type = 2 AND action = 'NotifyReport'";
-
-/// Brings `silver.device_model` up to date with bronze.
-pub async fn device_model(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = summary(DEVICE_MODEL_TABLE);
-    let schema = device_model_schema();
-    if let Some(job) = prepare(
-        lake_url,
-        config,
-        opts,
-        SILVER_DEVICE_MODEL,
-        &schema,
-        DEVICE_MODEL_APP_ID,
-        "silver.device_model: NotifyReport attributes, deduplicated",
-    )
-    .await?
-    {
-        let mut rows = DeviceRows::default();
-        summary.rows_in = scan_bronze(
-            ctx,
-            &job.bronze,
-            &job.bronze_loc,
-            job.source,
-            opts,
-            BRONZE_COLUMNS,
-            REPORT_FILTER,
-            &mut |b| for_each_call(b, &mut |c| rows.push(&c)),
-        )
-        .await?;
-        let merged = merge_dedup(
-            ctx,
-            job.silver,
-            &job.silver_loc,
-            &schema,
-            rows.into_batch(&schema)?,
-            &Dedup {
-                key: "date, station_id, message_id, attribute_index",
-                order: "received_at, ocpp_version, reported_at, component, \
-                        component_instance, evse_id, connector_id, variable, \
-                        variable_instance, attribute_type, value, mutability, \
-                        request_id, seq_no",
-                sort: "date, station_id, reported_at, message_id, attribute_index",
-            },
-            job.txn.as_slice(),
-        )
-        .await?;
-        summary.rows_out = merged.rows_out;
-        summary.dates_rewritten = merged.dates_rewritten;
-    }
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
-
 /// (date, hour µs, station) → heartbeats.
 type Counts = BTreeMap<(i32, i64, String), i64>;
 
@@ -450,100 +283,100 @@ fn read_counts(b: &RecordBatch, out: &mut Counts) -> Result<(), PipelineError> {
     Ok(())
 }
 
-const HEARTBEAT_FILTER: &str =
-    "direction = 'cs_to_csms' AND message_type = 2 AND action = 'Heartbeat'";
+const HEARTBEATS_SELECT: &[Select] = &[Select::calls(&["Heartbeat"])];
 
-/// Brings `silver.heartbeats` up to date with bronze (see the module docs).
-pub async fn heartbeats(
-    ctx: &SessionContext,
-    lake_url: &str,
-    config: &PipelineConfig,
-    opts: &RunOptions,
-) -> Result<TableSummary, PipelineError> {
-    let started = Instant::now();
-    let mut summary = summary(HEARTBEATS_TABLE);
-    let schema = heartbeats_schema();
-    let Some(job) = prepare(
-        lake_url,
-        config,
-        opts,
-        SILVER_HEARTBEATS,
-        &schema,
-        HEARTBEATS_APP_ID,
-        "silver.heartbeats: Heartbeat CALLs per station per UTC hour",
-    )
-    .await?
-    else {
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    // Which dates the new bronze rows touch.
-    let mut days = BTreeSet::new();
-    summary.rows_in = scan_bronze(
-        ctx,
-        &job.bronze,
-        &job.bronze_loc,
-        job.source,
-        opts,
-        "received_at",
-        HEARTBEAT_FILTER,
-        &mut |b| {
-            let received = timestamps(b, "received_at")?;
-            days.extend(
-                received
-                    .iter()
-                    .flatten()
-                    .map(|us| us.div_euclid(MICROS_PER_DAY) as i32),
-            );
-            Ok(())
-        },
-    )
-    .await?;
-    if days.is_empty() {
-        lake::record_progress(
-            job.silver,
-            &job.silver_loc,
-            &schema,
-            "date",
-            job.txn.as_slice(),
-        )
-        .await?;
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
+/// Collects the heartbeat ids seen per (date, hour, station).
+#[derive(Default)]
+struct HeartbeatSink {
+    seen: HashMap<(i32, i64, String), HashSet<String>>,
+}
+
+impl BronzeSink for HeartbeatSink {
+    fn selects(&self) -> &'static [Select] {
+        HEARTBEATS_SELECT
     }
-    // Recount those dates from all of bronze, and read what the table holds.
-    ctx.register_table(
-        "hb_bronze",
-        lake::provider(ctx, &job.bronze, &job.bronze_loc).await?,
-    )?;
+
+    fn accept(&mut self, m: &Message<'_>) {
+        let us = m.received_us;
+        let hour = us - us.rem_euclid(MICROS_PER_HOUR);
+        self.seen
+            .entry((
+                us.div_euclid(MICROS_PER_DAY) as i32,
+                hour,
+                m.station.to_string(),
+            ))
+            .or_default()
+            .insert(m.message_id.to_string());
+    }
+}
+
+impl SilverSink for HeartbeatSink {
+    fn finish<'a>(
+        self: Box<Self>,
+        cx: &'a Finish<'a>,
+        target: Target,
+    ) -> BoxFuture<'a, Result<Merged, PipelineError>> {
+        Box::pin(recount(*self, cx, target))
+    }
+}
+
+/// Rewrites the dates the new heartbeats touch whose counts changed (see
+/// the module docs).
+async fn recount(
+    sink: HeartbeatSink,
+    cx: &Finish<'_>,
+    target: Target,
+) -> Result<Merged, PipelineError> {
+    let ctx = cx.ctx;
+    let nothing = Merged {
+        rows_out: 0,
+        dates_rewritten: 0,
+    };
+    let txns = target.txn.as_slice();
+    let days: BTreeSet<i32> = sink.seen.keys().map(|k| k.0).collect();
+    if days.is_empty() {
+        lake::record_progress(target.table, &target.loc, &target.schema, "date", txns).await?;
+        return Ok(nothing);
+    }
+    let mut fresh = Counts::new();
+    if cx.whole_partitions {
+        // The scan read every bronze row of these dates.
+        for (k, ids) in sink.seen {
+            fresh.insert(k, ids.len() as i64);
+        }
+    } else {
+        ctx.register_table(
+            "hb_bronze",
+            lake::provider(ctx, cx.bronze, cx.bronze_loc).await?,
+        )?;
+        let recount = format!(
+            "SELECT CAST(date AS DATE) AS date, \
+                    date_bin(INTERVAL '1 hour', received_at, TIMESTAMP '1970-01-01T00:00:00Z') AS hour, \
+                    CAST(station_id AS VARCHAR) AS station_id, \
+                    COUNT(DISTINCT message_id) AS heartbeats \
+             FROM hb_bronze WHERE {} AND {} GROUP BY 1, 2, 3",
+            filter_sql(HEARTBEATS_SELECT),
+            date_in_sql("date", &days)
+        );
+        let r = scan_sql(ctx, &recount, &mut |b| read_counts(b, &mut fresh)).await;
+        ctx.deregister_table("hb_bronze")?;
+        r?;
+    }
     ctx.register_table(
         "hb_cur",
-        lake::provider(ctx, &job.silver, &job.silver_loc).await?,
+        lake::provider(ctx, &target.table, &target.loc).await?,
     )?;
-    let mut fresh = Counts::new();
     let mut current = Counts::new();
-    let recount = format!(
-        "SELECT CAST(date AS DATE) AS date, \
-                date_bin(INTERVAL '1 hour', received_at, TIMESTAMP '1970-01-01T00:00:00Z') AS hour, \
-                CAST(station_id AS VARCHAR) AS station_id, \
-                COUNT(DISTINCT message_id) AS heartbeats \
-         FROM hb_bronze WHERE {HEARTBEAT_FILTER} AND {} GROUP BY 1, 2, 3",
-        date_in_sql("date", &days)
-    );
-    let r1 = scan_sql(ctx, &recount, &mut |b| read_counts(b, &mut fresh)).await;
     let held = format!(
         "SELECT date, hour, station_id, heartbeats FROM hb_cur WHERE {}",
         date_in_sql("date", &days)
     );
-    let r2 = scan_sql(ctx, &held, &mut |b| read_counts(b, &mut current)).await;
-    ctx.deregister_table("hb_bronze")?;
+    let r = scan_sql(ctx, &held, &mut |b| read_counts(b, &mut current)).await;
     ctx.deregister_table("hb_cur")?;
-    r1?;
-    r2?;
+    r?;
     // Only dates whose counts changed are rewritten.
     let of_day = |c: &Counts, d: i32| -> Vec<(i64, String, i64)> {
-        c.iter()
-            .filter(|((day, _, _), _)| *day == d)
+        c.range((d, i64::MIN, String::new())..(d + 1, i64::MIN, String::new()))
             .map(|((_, h, s), n)| (*h, s.clone(), *n))
             .collect()
     };
@@ -552,25 +385,16 @@ pub async fn heartbeats(
         .filter(|d| of_day(&fresh, *d) != of_day(&current, *d))
         .collect();
     if changed.is_empty() {
-        lake::record_progress(
-            job.silver,
-            &job.silver_loc,
-            &schema,
-            "date",
-            job.txn.as_slice(),
-        )
-        .await?;
-        summary.seconds = started.elapsed().as_secs_f64();
-        return Ok(summary);
+        lake::record_progress(target.table, &target.loc, &target.schema, "date", txns).await?;
+        return Ok(nothing);
     }
     let rows: Vec<_> = fresh
         .into_iter()
         .filter(|((d, _, _), _)| changed.contains(d))
         .collect();
     debug_assert!(rows.iter().all(|((_, h, _), _)| h % MICROS_PER_HOUR == 0));
-    summary.rows_out = rows.len() as u64;
     let out = batch(
-        &schema,
+        &target.schema,
         vec![
             Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| r.0.0))),
             ts(rows.iter().map(|r| r.0.1).collect()),
@@ -582,16 +406,17 @@ pub async fn heartbeats(
     )?;
     lake::replace_where(
         ctx,
-        job.silver,
-        &job.silver_loc,
-        &schema,
+        target.table,
+        &target.loc,
+        &target.schema,
         "date",
         vec![out],
         date_in("date", &changed),
-        job.txn.as_slice(),
+        txns,
     )
     .await?;
-    summary.dates_rewritten = changed.len() as u64;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(Merged {
+        rows_out: rows.len() as u64,
+        dates_rewritten: changed.len() as u64,
+    })
 }

@@ -1,5 +1,5 @@
 //! The tables a query can name: the lake's Delta tables, found by listing
-//! `{lake}/{bronze,silver,gold}/` (so a table created after start is
+//! `{lake}/{bronze,silver,gold,ops}/` (so a table created after start is
 //! queryable without a restart and the list never goes out of date with the
 //! pipeline), and the live tables built from the status store per query.
 //!
@@ -24,7 +24,7 @@ use url::Url;
 use crate::QueryError;
 
 /// The schemas holding Delta tables, each a directory under the lake root.
-pub(crate) const LAKE_SCHEMAS: [&str; 3] = ["bronze", "silver", "gold"];
+pub(crate) const LAKE_SCHEMAS: [&str; 4] = ["bronze", "silver", "gold", "ops"];
 /// The schema of the tables read from the status store.
 pub(crate) const LIVE_SCHEMA: &str = "live";
 /// `live.connector_status`.

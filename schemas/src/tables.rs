@@ -40,6 +40,10 @@ pub const GOLD_FAULT_RANKING: &str = "gold/fault_ranking";
 pub const GOLD_BILLING: &str = "gold/billing";
 /// `gold.billing_statements` (per month per id token and currency).
 pub const GOLD_BILLING_STATEMENTS: &str = "gold/billing_statements";
+/// `ops.workflow_runs`: one row per attempt of a workflow run.
+pub const OPS_WORKFLOW_RUNS: &str = "ops/workflow_runs";
+/// `ops.alert_events`: alerts raised and cleared.
+pub const OPS_ALERT_EVENTS: &str = "ops/alert_events";
 
 /// A lake URL that names no usable location.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -421,6 +425,49 @@ pub fn fault_ranking_schema() -> SchemaRef {
         Field::new("worst_day", DataType::Date32, false),
         Field::new("worst_day_faults", DataType::Int64, false),
         Field::new("rank", DataType::Int64, false),
+    ]))
+}
+
+/// `ops.workflow_runs` (not partitioned: a few rows a day). One row per
+/// attempt; `status` is `succeeded` or `failed`, `final` says whether the
+/// scheduler gave up or succeeded with this attempt (no retry follows).
+pub fn workflow_runs_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("workflow", DataType::Utf8, false),
+        Field::new("job_kind", DataType::Utf8, false),
+        Field::new("scheduled_for", utc_micros(), false),
+        // schedule | catch-up | manual
+        Field::new("trigger", DataType::Utf8, false),
+        Field::new("attempt", DataType::Int32, false),
+        Field::new("node_id", DataType::Utf8, false),
+        Field::new("started_at", utc_micros(), false),
+        Field::new("finished_at", utc_micros(), false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("final", DataType::Boolean, false),
+        // The job's summary, or the error.
+        Field::new("message", DataType::Utf8, true),
+    ]))
+}
+
+/// `ops.alert_events` (not partitioned): each alert raised and cleared.
+pub fn alert_events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        // e.g. `faulted:CP1:1:1`, `offline:CP1`: the deduplication key.
+        Field::new("alert_id", DataType::Utf8, false),
+        // faulted | offline
+        Field::new("kind", DataType::Utf8, false),
+        // raised | cleared
+        Field::new("event", DataType::Utf8, false),
+        Field::new("station_id", DataType::Utf8, false),
+        Field::new("evse_id", DataType::Int32, true),
+        Field::new("connector_id", DataType::Int32, true),
+        // Error code / info for faults, last seen for offline.
+        Field::new("detail", DataType::Utf8, true),
+        // When the condition began.
+        Field::new("since", utc_micros(), false),
+        // When this event was decided.
+        Field::new("at", utc_micros(), false),
+        Field::new("node_id", DataType::Utf8, false),
     ]))
 }
 

@@ -20,3 +20,4 @@ mod sql;
 mod tls;
 mod upgrade;
 mod workers;
+mod workflows;

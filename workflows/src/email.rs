@@ -141,8 +141,56 @@ pub async fn send(
     smtp: &SmtpConfig,
     recipients: &[String],
 ) -> Result<(), ReportError> {
-    let url = smtp.url.as_deref().ok_or(ReportError::NoSmtp)?;
+    smtp.url.as_deref().ok_or(ReportError::NoSmtp)?;
     let message = build_message(r, &smtp.from, recipients)?;
+    deliver(message, smtp, &r.subject, recipients.len()).await
+}
+
+/// A plain mail without attachments: multipart/alternative of `text` and
+/// `html` (alerts, the daily digest).
+pub fn build_simple_message(
+    from: &str,
+    to: &[String],
+    subject: &str,
+    text: &str,
+    html: &str,
+) -> Result<Message, ReportError> {
+    if to.is_empty() {
+        return Err(ReportError::NoRecipients);
+    }
+    let mut builder = Message::builder().from(mailbox(from)?).subject(subject);
+    for addr in to {
+        builder = builder.to(mailbox(addr)?);
+    }
+    builder
+        .multipart(MultiPart::alternative_plain_html(
+            text.to_string(),
+            html.to_string(),
+        ))
+        .map_err(|e| ReportError::Message(e.to_string()))
+}
+
+/// Sends a [`build_simple_message`] mail, with the retries of [`send`].
+pub async fn send_simple(
+    smtp: &SmtpConfig,
+    recipients: &[String],
+    subject: &str,
+    text: &str,
+    html: &str,
+) -> Result<(), ReportError> {
+    smtp.url.as_deref().ok_or(ReportError::NoSmtp)?;
+    let message = build_simple_message(&smtp.from, recipients, subject, text, html)?;
+    deliver(message, smtp, subject, recipients.len()).await
+}
+
+/// Delivers `message` through `smtp.url` with the retry policy of [`send`].
+async fn deliver(
+    message: Message,
+    smtp: &SmtpConfig,
+    subject: &str,
+    recipients: usize,
+) -> Result<(), ReportError> {
+    let url = smtp.url.as_deref().ok_or(ReportError::NoSmtp)?;
     let server = server_name(url);
     let transport: AsyncSmtpTransport<Tokio1Executor> =
         AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
@@ -158,11 +206,11 @@ pub async fn send(
                     .increment(1);
                 tracing::info!(
                     %server,
-                    subject = %r.subject,
-                    recipients = recipients.len(),
+                    %subject,
+                    recipients,
                     attempt,
                     code = %response.code(),
-                    "report mailed"
+                    "mail sent"
                 );
                 return Ok(());
             }
@@ -172,14 +220,14 @@ pub async fn send(
                     .increment(1);
                 if !retry || attempt == attempts {
                     metrics::counter!("csms_report_email_failures_total").increment(1);
-                    tracing::error!(%server, attempt, error = %what, "report not delivered");
+                    tracing::error!(%server, %subject, attempt, error = %what, "mail not delivered");
                     return Err(ReportError::Smtp {
                         server,
                         attempts: attempt,
                         what,
                     });
                 }
-                tracing::warn!(%server, attempt, error = %what, retry_in = ?backoff, "report delivery failed, retrying");
+                tracing::warn!(%server, attempt, error = %what, retry_in = ?backoff, "mail delivery failed, retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }

@@ -1,23 +1,48 @@
-//! Scheduled workflows and emailed reports (issue 7).
+//! Scheduled workflows, alerts and emailed reports.
 //!
-//! This first slice is the monthly fault-ranking report: read
-//! `gold.fault_ranking` and `gold.daily_faults` for a month, render a mail
-//! (HTML table, plain-text part, CSV attachment, PNG chart of daily faults)
-//! and either write it to a folder for a person to look at or deliver it over
-//! SMTP with retries.
+//! Workflow definitions (`workflows/*.toml`) say when (cron, UTC) to run
+//! which job (a pipeline stage, a report, lake maintenance, a remote command
+//! sweep); the scheduler runs them inside `csms serve`, one node per run
+//! through a lease, with persisted history, catch-up and retries. Alerts
+//! watch the live status and notify by email and webhook.
 //!
 //! # Layout
-//! - [`report`]: loading the month from the lake, rendering, writing files.
+//! - [`clock`]: time as an input (system or manual clock).
+//! - [`lease`]: exactly-one-node leases, in Redis or in process.
+//! - [`context`]: what jobs can reach ([`JobContext`]) and [`JobError`].
+//! - [`cron`]: schedules (five-field cron, UTC, `L` = last day of month).
+//! - [`definition`]: workflow files: schedule, job, retry, catch-up.
+//! - [`history`]: run history in the Delta table `ops.workflow_runs`.
+//! - [`scheduler`]: due runs, catch-up, leases, retries with backoff.
+//! - [`jobs`]: running one job of any kind.
+//! - [`digest`]: the daily digest of stations gone Faulted or offline.
+//! - [`commands`]: scheduled remote commands chosen from the live status.
+//! - [`alerts`]: Faulted / offline alerts, deduplicated and cleared.
+//! - [`webhook`]: JSON POST delivery with retries.
+//! - [`report`]: the monthly fault-ranking report: loading, rendering, files.
 //! - [`chart`]: the PNG chart (plotters, bitmap backend).
 //! - [`email`]: SMTP configuration, MIME message, delivery with retries.
 
+pub mod alerts;
 pub mod chart;
+pub mod clock;
+pub mod commands;
+pub mod context;
+pub mod cron;
+pub mod definition;
+pub mod digest;
 pub mod email;
+pub mod history;
+pub mod jobs;
+pub mod lease;
 pub mod report;
+pub mod scheduler;
+pub mod webhook;
 
 #[cfg(test)]
 mod smtp_tests;
 
+pub use context::{JobContext, JobError, WorkflowsConfig};
 pub use email::{SmtpConfig, build_message, send};
 pub use report::{
     FaultRankingReport, RankingRow, RenderedReport, load_fault_ranking, render_fault_ranking,

@@ -96,7 +96,7 @@ pub fn month_bounds(month: &str) -> Result<(NaiveDate, NaiveDate), ReportError> 
 /// The location of `table` under the lake root, by the rule of the pipeline
 /// and the lake writer (`schemas::tables::table_location`); registers the S3
 /// object store handlers first when the lake is on S3.
-fn table_location(lake_url: &str, table: &str) -> Result<String, ReportError> {
+pub(crate) fn table_location(lake_url: &str, table: &str) -> Result<String, ReportError> {
     let location =
         schemas::tables::table_location(lake_url, table).map_err(|e| ReportError::LakeUrl {
             url: e.url,
@@ -109,7 +109,7 @@ fn table_location(lake_url: &str, table: &str) -> Result<String, ReportError> {
     Ok(location)
 }
 
-fn lake_err(table: &str) -> impl Fn(String) -> ReportError + '_ {
+pub(crate) fn lake_err(table: &str) -> impl Fn(String) -> ReportError + '_ {
     move |reason| ReportError::Lake {
         table: table.replace('/', "."),
         reason,
@@ -117,7 +117,7 @@ fn lake_err(table: &str) -> impl Fn(String) -> ReportError + '_ {
 }
 
 /// Loads a table; `None` when it does not exist (the pipeline has not run).
-async fn load(
+pub(crate) async fn load(
     location: &str,
     table: &str,
     storage_options: &HashMap<String, String>,
@@ -137,7 +137,11 @@ async fn load(
 }
 
 /// Runs `sql` over `table` registered as `t`.
-async fn query(table: &DeltaTable, name: &str, sql: &str) -> Result<Vec<RecordBatch>, ReportError> {
+pub(crate) async fn query(
+    table: &DeltaTable,
+    name: &str,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, ReportError> {
     let err = lake_err(name);
     let ctx = SessionContext::new();
     table
@@ -160,7 +164,7 @@ async fn query(table: &DeltaTable, name: &str, sql: &str) -> Result<Vec<RecordBa
 }
 
 /// A column cast to `ty` (DataFusion may hand back views or other widths).
-fn column<T: Clone + 'static>(
+pub(crate) fn column<T: Clone + 'static>(
     batch: &RecordBatch,
     name: &str,
     ty: &DataType,
@@ -176,7 +180,7 @@ fn column<T: Clone + 'static>(
         .ok_or_else(|| lake_err(table)(format!("column {name} has an unexpected type")))
 }
 
-fn date_of(days: i32) -> NaiveDate {
+pub(crate) fn date_of(days: i32) -> NaiveDate {
     NaiveDate::from_num_days_from_ce_opt(days + 719_163).unwrap_or_default()
 }
 

@@ -26,14 +26,14 @@ fn python() -> String {
 }
 
 /// A running sink; killed on drop (stdin closes too).
-struct Sink {
+pub(crate) struct Sink {
     _child: Child,
-    port: u16,
+    pub(crate) port: u16,
     dir: tempfile::TempDir,
 }
 
 impl Sink {
-    async fn start(extra: &[&str]) -> Sink {
+    pub(crate) async fn start(extra: &[&str]) -> Sink {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(python())
             .arg(python_dir().join("smtp_sink.py"))
@@ -61,7 +61,7 @@ impl Sink {
         }
     }
 
-    fn config(&self) -> SmtpConfig {
+    pub(crate) fn config(&self) -> SmtpConfig {
         SmtpConfig {
             url: Some(format!("smtp://127.0.0.1:{}", self.port)),
             from: "reports@csms.test".into(),
@@ -72,7 +72,7 @@ impl Sink {
     }
 
     /// Messages received so far (file paths, in order).
-    fn received(&self) -> Vec<PathBuf> {
+    pub(crate) fn received(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -83,7 +83,7 @@ impl Sink {
     }
 
     /// Waits for the `n`-th message and returns it parsed.
-    async fn message(&self, n: usize) -> Value {
+    pub(crate) async fn message(&self, n: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let got = self.received();

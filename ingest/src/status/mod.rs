@@ -25,7 +25,7 @@ mod redis;
 mod contract;
 
 pub use self::redis::RedisStore;
-pub(crate) use self::redis::cluster_nodes;
+pub use self::redis::cluster_nodes;
 pub use embedded::EmbeddedStore;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

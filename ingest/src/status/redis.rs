@@ -376,7 +376,7 @@ fn bad_url(url: &str, reason: impl Into<String>) -> StatusError {
 }
 
 /// Node URLs when `url` names a cluster, else None.
-pub(crate) fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, StatusError> {
+pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, StatusError> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         bad_url(
             url,
