@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-LOADGEN_ARGS=(--heartbeat-secs 60 --meter-secs 30 --connect-rate 2000
+LOADGEN_ARGS=(--heartbeat-secs 60 --meter-secs 30 --connect-rate 1000
   --connect-timeout-secs 400 --call-timeout-secs 30)
 if [ "$MODE" = storm ]; then
   LOADGEN_ARGS+=(--backoff-min-secs 1 --backoff-random-secs 10 --backoff-doublings 3

@@ -89,6 +89,8 @@ cleanup() {
     kill -KILL "$SERVER_PID" 2>/dev/null || true
   fi
   [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null
+  # The server's log outlives the run, for the post-mortem.
+  cp "$WORK/server.log" "${TMPDIR:-/tmp}/csms-bench-server.log" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
