@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # 100,000 concurrently connected stations on one box, end to end, over
 # loopback: `csms serve --workers 6` (SO_REUSEPORT, one WAL each, a
-# throw-away redis-server shared by them) and 6 loadgen processes over 6
-# source addresses (one process may hold ~20,000 descriptors, one source
-# address has ~28,000 ephemeral ports). Prints connected stations, CALL
+# throw-away redis-server shared by them) and 6 loadgen processes over 11
+# source addresses (one process may hold ~20,000 descriptors; see
+# bench/README.md for why ~10,000 connections per source address). Prints connected stations, CALL
 # latency percentiles, server RSS summed over the workers (per connection
 # when all were connected and at the end of the run) and redis-server RSS.
 #
