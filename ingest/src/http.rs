@@ -337,42 +337,12 @@ async fn remove_token(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::Config,
-        limits::AddressLimiter,
-        registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
-        txid::{FileAllocator, TxIdAllocator},
-        wal::Wal,
-    };
+    use crate::wal::Wal;
     use axum::body::Body;
-    use std::sync::atomic::{AtomicU64, AtomicUsize};
     use tower::ServiceExt;
 
     fn app(dir: &std::path::Path) -> (Router, Wal) {
-        let config = Arc::new(Config {
-            data_dir: dir.to_path_buf(),
-            ..Config::default()
-        });
-        let (wal, wal_handle) = Wal::open(&dir.join("wal"), config.wal.clone()).unwrap();
-        let node = Arc::new(Node {
-            versions: config.versions(),
-            limiter: AddressLimiter::new(&config.limits),
-            node_id: "n1".into(),
-            catalog: schemas::Catalog::global(),
-            stations: StationRegistry::open(dir).unwrap(),
-            handlers: crate::handlers::Handlers {
-                ocpp: Arc::new(config.ocpp.clone()),
-                tokens: IdTokenRegistry::open(dir, DefaultPolicy::AcceptAll).unwrap(),
-                txids: TxIdAllocator::File(Arc::new(FileAllocator::open(dir).unwrap())),
-                overloaded: Arc::new(|| false),
-            },
-            wal: wal_handle,
-            status: crate::status::StatusStore::embedded(),
-            sessions: Default::default(),
-            connections: AtomicUsize::new(0),
-            next_conn_id: AtomicU64::new(1),
-            config,
-        });
+        let (node, wal) = crate::server::test_node(dir);
         let exec_node = node.clone();
         let state = ApiState {
             router: crate::router::CommandRouter::local(

@@ -827,41 +827,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::Config,
-        limits::AddressLimiter,
-        registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
-        txid::{FileAllocator, TxIdAllocator},
-        wal::Wal,
-    };
-    use std::sync::atomic::{AtomicU64, AtomicUsize};
+    use crate::wal::Wal;
 
     fn node(dir: &std::path::Path) -> (Arc<Node>, Wal) {
-        let config = Arc::new(Config {
-            data_dir: dir.to_path_buf(),
-            ..Config::default()
-        });
-        let (wal, wal_handle) = Wal::open(&dir.join("wal"), config.wal.clone()).unwrap();
-        let node = Arc::new(Node {
-            versions: config.versions(),
-            limiter: AddressLimiter::new(&config.limits),
-            node_id: "n1".into(),
-            catalog: schemas::Catalog::global(),
-            stations: StationRegistry::open(dir).unwrap(),
-            handlers: crate::handlers::Handlers {
-                ocpp: Arc::new(config.ocpp.clone()),
-                tokens: IdTokenRegistry::open(dir, DefaultPolicy::AcceptAll).unwrap(),
-                txids: TxIdAllocator::File(Arc::new(FileAllocator::open(dir).unwrap())),
-                overloaded: Arc::new(|| false),
-            },
-            wal: wal_handle,
-            status: crate::status::StatusStore::embedded(),
-            sessions: Default::default(),
-            connections: AtomicUsize::new(0),
-            next_conn_id: AtomicU64::new(1),
-            config,
-        });
-        (node, wal)
+        crate::server::test_node(dir)
     }
 
     /// The idle session is the per-station cost of a node: keep its task
