@@ -11,6 +11,10 @@
 # redis-server's RSS is printed after the table.
 #
 # MODE is sustained (default, with --rate), saturation, storm or schedule.
+# After the run the server is stopped (its lake writer flushes) and every
+# CALL the load generator got a CALLRESULT for is looked up in bronze
+# (bench/check_acks.py): the run fails if an acknowledged message is missing.
+# --no-verify skips that (it reads all of the run's bronze once).
 # Examples:
 #   bench/ingest.sh --debug --stations 2000 --mode saturation --duration 20
 #   bench/ingest.sh --stations 20000 --processes 2 --mode sustained -- --rate 5000
@@ -27,18 +31,20 @@ MODE=sustained
 DURATION=30
 PROCESSES=
 WORKERS=1
+VERIFY=1
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --debug) PROFILE=debug ;;
     --no-build) BUILD=0 ;;
+    --no-verify) VERIFY=0 ;;
     --stations) STATIONS=$2; shift ;;
     --mode) MODE=$2; shift ;;
     --duration) DURATION=$2; shift ;;
     --processes) PROCESSES=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -154,10 +160,24 @@ timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \
   --stations "$STATIONS" --mode "$MODE" --duration-secs "$DURATION" \
   --processes "$PROCESSES" --source-ips "$SOURCE_IPS" \
-  --server-pid "$SERVER_PID" "${EXTRA[@]}"
+  --server-pid "$SERVER_PID" --acks-out "$WORK/acks" "${EXTRA[@]}"
 if [ -f "$WORK/redis.pid" ]; then
   echo "| redis-server RSS after the run | $(awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/redis.pid")/status") KiB"
 fi
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
   echo "csms serve died during the run:" >&2; tail -40 "$WORK/server.log" >&2; exit 1
+fi
+
+if [ "$VERIFY" = 1 ]; then
+  echo "stopping csms serve (the lake writer flushes) to look up every acknowledged CALL in bronze..." >&2
+  kill -INT "$SERVER_PID"
+  for _ in $(seq 1 1200); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "csms serve did not stop within 120 s of SIGINT" >&2; exit 1
+  fi
+  SERVER_PID=
+  env -u REDIS_URL CSMS_DATA_DIR="$WORK/data" "$CSMS" query --format csv \
+    "SELECT station_id, message_id FROM bronze.ocpp_messages WHERE direction = 'cs_to_csms' AND message_type = 2" \
+    >"$WORK/bronze_calls.csv"
+  python3 "$ROOT/bench/check_acks.py" "$WORK/acks" "$WORK/bronze_calls.csv"
 fi

@@ -13,6 +13,7 @@
 //! progress and a final [`stats::Summary`] as JSON lines, the parent merges
 //! them into one [`Report`].
 
+pub mod acks;
 pub mod backoff;
 pub mod schedule;
 pub mod station;
@@ -128,6 +129,11 @@ pub struct LoadgenArgs {
     /// Worker processes; each holds stations/processes sockets.
     #[arg(long, default_value_t = 1)]
     pub processes: usize,
+    /// Write each station's acknowledged CALLs (its last message id and the
+    /// ids that got no CALLRESULT) to this file (`PATH.N` for worker process
+    /// N), to check afterwards that every acknowledged message reached bronze.
+    #[arg(long)]
+    pub acks_out: Option<std::path::PathBuf>,
     /// The server's process id, to report its RSS per connection.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -880,7 +886,17 @@ impl Fleet {
             .load(std::sync::atomic::Ordering::Relaxed);
         let _ = phase_tx.send(Phase::Stop);
         // Outstanding CALLs get their answer (or time out) before the tally.
-        while tasks.join_next().await.is_some() {}
+        let mut acks = Vec::with_capacity(n as usize);
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(a) = done {
+                acks.push(a);
+            }
+        }
+        if let Some(base) = &self.args.acks_out {
+            let path = acks::path_for(base, self.args.worker_index);
+            acks::write(&path, &acks)
+                .with_context(|| format!("writing --acks-out {}", path.display()))?;
+        }
         let mut summary = self.stats.summary();
         summary.progress.connected = connected_at_end;
         summary.run_answered = answered;

@@ -93,6 +93,25 @@ impl Schedule {
         }
     }
 
+    /// A station that has been up for a while rather than one that just
+    /// booted: its first connector status comes at a random moment within one
+    /// heartbeat interval instead of at once. Without this, a run whose
+    /// stations all start their timelines together opens with one
+    /// StatusNotification from every station in the same instant, a burst no
+    /// fleet in its steady state produces (after a power cut, the reconnect
+    /// storm is that burst, and it keeps the immediate status).
+    pub fn in_steady_state(mut self) -> Self {
+        let phase = Duration::from_secs_f64(
+            self.rng
+                .random_range(0.0..self.params.heartbeat.as_secs_f64()),
+        );
+        self.queue.clear();
+        self.queue
+            .push_back((phase, Step::Status(ConnStatus::Available)));
+        self.cursor = phase;
+        self
+    }
+
     fn spread(&mut self, mean: Duration) -> Duration {
         mean.mul_f64(self.rng.random_range(0.5..1.5))
     }
@@ -341,6 +360,37 @@ mod tests {
             .find(|s| s.1 == Step::Heartbeat);
         assert_eq!(a, b, "both start with Available at 0");
         assert_ne!(ha, hb);
+    }
+
+    #[test]
+    fn steady_state_spreads_the_first_status_over_a_heartbeat() {
+        let firsts: Vec<Duration> = (0..200)
+            .map(|seed| {
+                let mut s = Schedule::new(params(), OcppVersion::V201, seed).in_steady_state();
+                (0..10)
+                    .map(|_| s.next_step())
+                    .find(|(_, step)| *step == Step::Status(ConnStatus::Available))
+                    .expect("a first status")
+                    .0
+            })
+            .collect();
+        assert!(firsts.iter().all(|t| *t < params().heartbeat));
+        // Spread, not bunched: both halves of the interval are used, and
+        // fewer than 5% of the stations share any one second.
+        let early = firsts.iter().filter(|t| t.as_secs() < 30).count();
+        assert!(
+            (60..=140).contains(&early),
+            "{early} of 200 in the first half"
+        );
+        let mut per_second = [0usize; 60];
+        for t in &firsts {
+            per_second[t.as_secs() as usize] += 1;
+        }
+        assert!(per_second.iter().all(|n| *n < 10), "{per_second:?}");
+        // The rest of the timeline still follows in time order.
+        let mut s = Schedule::new(params(), OcppVersion::V16, 7).in_steady_state();
+        let steps: Vec<_> = (0..100).map(|_| s.next_step()).collect();
+        assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use crate::acks::StationAcks;
 use crate::backoff::Backoff;
 use crate::schedule::{Schedule, ScheduleParams, Step, TxState, boot_payload, call_for};
 use crate::stats::Stats;
@@ -105,6 +106,8 @@ pub struct Station {
     stormed: bool,
     /// Already dropped its socket for the (single) storm of the run.
     storm_dropped: bool,
+    /// Message ids that got no CALLRESULT, ascending.
+    unacked: Vec<u64>,
 }
 
 impl Station {
@@ -132,6 +135,7 @@ impl Station {
             tx,
             stormed: false,
             storm_dropped: false,
+            unacked: Vec::new(),
         }
     }
 
@@ -159,8 +163,17 @@ impl Station {
         }
     }
 
-    /// Runs until the fleet says Stop.
-    pub async fn run(mut self) {
+    /// Runs until the fleet says Stop; returns which CALLs were acknowledged.
+    pub async fn run(mut self) -> StationAcks {
+        self.run_until_stop().await;
+        StationAcks {
+            station: self.id,
+            last_id: self.next_msg_id,
+            unacked: self.unacked,
+        }
+    }
+
+    async fn run_until_stop(&mut self) {
         let mut attempt: u32 = 0;
         let mut wait = None;
         loop {
@@ -285,6 +298,7 @@ impl Station {
             }
         }
         self.stats.accepted.fetch_add(1, Relaxed);
+        let rebooted = self.stormed;
         if self.stormed
             && let Some(at) = self.cfg.storm_at.get()
         {
@@ -293,12 +307,15 @@ impl Station {
             self.stats.storm_last_accept_us.fetch_max(us, Relaxed);
             self.stormed = false;
         }
-        let end = self.follow_schedule(ws).await;
+        let end = self.follow_schedule(ws, rebooted).await;
         self.stats.accepted.fetch_sub(1, Relaxed);
         end
     }
 
-    async fn follow_schedule(&mut self, ws: &mut Ws) -> End {
+    /// `rebooted`: the station is back from a storm, so it reports its
+    /// connector at once, as a charger that lost power does; otherwise it
+    /// joins the fleet's steady state at a random phase.
+    async fn follow_schedule(&mut self, ws: &mut Ws, rebooted: bool) -> End {
         // Wait for the whole fleet to be connected before loading the server.
         // (`idle_until` returns at each phase change; the loop re-checks.)
         while self.phase() == Phase::Connecting {
@@ -314,6 +331,9 @@ impl Station {
         }
         let start = Instant::now();
         let mut schedule = Schedule::new(self.cfg.schedule, self.version, self.index as u64);
+        if !rebooted {
+            schedule = schedule.in_steady_state();
+        }
         let mut next_at = match self.cfg.pacing {
             Pacing::Every(iv) => {
                 // Stations of a sustained run are spread evenly over one interval.
@@ -411,6 +431,14 @@ impl Station {
     /// Sends one CALL and waits for its answer, answering the CSMS's own
     /// CALLs meanwhile. Records the latency of every answer.
     async fn call(&mut self, ws: &mut Ws, action: &str, payload: Value) -> CallOutcome {
+        let outcome = self.call_once(ws, action, payload).await;
+        if !matches!(outcome, CallOutcome::Result(_)) {
+            self.unacked.push(self.next_msg_id);
+        }
+        outcome
+    }
+
+    async fn call_once(&mut self, ws: &mut Ws, action: &str, payload: Value) -> CallOutcome {
         self.next_msg_id += 1;
         let id = self.next_msg_id.to_string();
         let text = json!([2, id, action, payload]).to_string();
