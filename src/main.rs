@@ -234,12 +234,18 @@ fn main() -> std::process::ExitCode {
 fn real_main() -> Result<()> {
     // Both rustls providers are compiled in through dependencies; pick one.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        "warn,csms=info,ingest=info,pipeline=info,query=info,workflows=info,loadgen=info".into()
+    });
+    // The Delta kernel logs an ERROR for every failed snapshot load, which
+    // includes probing a table that does not exist yet (every fresh lake,
+    // every worker's start). The error itself reaches our code, which logs it
+    // with context where it matters; RUST_LOG=buoyant_kernel=... opts back in.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("buoyant_kernel")) {
+        filter = filter.add_directive("buoyant_kernel=off".parse().expect("static directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "warn,csms=info,ingest=info,pipeline=info,query=info,workflows=info,loadgen=info".into()
-            }),
-        )
+        .with_env_filter(filter)
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();

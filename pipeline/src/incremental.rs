@@ -18,6 +18,9 @@ use deltalake::arrow::compute::{SortOptions, cast, concat_batches, take_record_b
 use deltalake::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{Row, RowConverter, Rows, SortField};
+use deltalake::datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryReservation,
+};
 use deltalake::datafusion::prelude::SessionContext;
 use futures_util::StreamExt;
 
@@ -224,6 +227,7 @@ pub(crate) struct Dedup<'a> {
 }
 
 /// What [`merge_dedup`] wrote.
+#[derive(Debug, Default)]
 pub(crate) struct Merged {
     pub rows_out: u64,
     pub dates_rewritten: u64,
@@ -231,8 +235,8 @@ pub(crate) struct Merged {
 
 /// Merges `new_rows` (of `schema`, first column `date`) into the silver
 /// table: per date they touch, the union with the rows already there,
-/// deduplicated on `dedup.key`, replaces the partition, recording `txns` in
-/// the same commit.
+/// deduplicated on `dedup.key`, replaces the partition; `txns` are recorded
+/// in the last commit.
 ///
 /// A date is rewritten only when deduplication leaves it more rows than it
 /// holds: re-read copies (after bronze compaction, or a `--from/--to`
@@ -241,7 +245,11 @@ pub(crate) struct Merged {
 /// The rows are in memory already (decoded from bronze), so deduplication
 /// and ordering run on them directly in Arrow's row format rather than as a
 /// DataFusion window query: only the rows the table holds on the touched
-/// dates are read through DataFusion.
+/// dates are read through DataFusion. That memory is reserved in the
+/// session's memory pool like DataFusion's own, and the dates are merged in
+/// chunks sized to fit it (every identity key starts with `date`, so a chunk
+/// of dates deduplicates on its own), so a first run over months of bronze
+/// holds a few days of one table at a time, not all of them.
 // Each argument is a distinct part of the one merge.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn merge_dedup(
@@ -253,16 +261,104 @@ pub(crate) async fn merge_dedup(
     dedup: &Dedup<'_>,
     txns: &[(&str, i64)],
 ) -> Result<Merged, PipelineError> {
-    let nothing = Merged {
-        rows_out: 0,
-        dates_rewritten: 0,
-    };
-    let days: BTreeSet<i32> = dates(&new_rows, "date")?.iter().flatten().collect();
-    if days.is_empty() {
+    let chunks = date_chunks(&new_rows, merge_budget(ctx))?;
+    if chunks.is_empty() {
         lake::record_progress(table, loc, schema, "date", txns).await?;
-        return Ok(nothing);
+        return Ok(Merged::default());
     }
+    let dates = dates(&new_rows, "date")?;
+    let mut table = table;
+    let mut total = Merged::default();
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let part = if last == 0 {
+            new_rows.clone()
+        } else {
+            let keep: UInt32Array = (0..new_rows.num_rows() as u32)
+                .filter(|&r| dates.is_valid(r as usize) && chunk.contains(&dates.value(r as usize)))
+                .collect();
+            take_record_batch(&new_rows, &keep).map_err(arrow_err)?
+        };
+        let chunk_txns = if i == last { txns } else { &[] };
+        let (t, merged) =
+            merge_dates(ctx, table, loc, schema, part, chunk, dedup, chunk_txns).await?;
+        table = t;
+        total.rows_out += merged.rows_out;
+        total.dates_rewritten += merged.dates_rewritten;
+    }
+    Ok(total)
+}
+
+/// Bytes of new rows one merge chunk may carry: a quarter of the memory
+/// pool, since a chunk's rows exist up to four times at once (held rows,
+/// their concatenation with the new ones, the deduplicated and the sorted
+/// copy). Unbounded pools merge everything at once.
+fn merge_budget(ctx: &SessionContext) -> usize {
+    match ctx.runtime_env().memory_pool.memory_limit() {
+        MemoryLimit::Finite(bytes) => (bytes / 4).max(1),
+        MemoryLimit::Infinite | MemoryLimit::Unknown => usize::MAX,
+    }
+}
+
+/// The dates of `batch`, grouped in ascending runs whose rows take at most
+/// `budget` bytes (estimated from the batch's average row size, counted
+/// twice: the rows the table already holds on a date are about as many as
+/// a reprocessing brings). A date over the budget on its own is a chunk.
+fn date_chunks(batch: &RecordBatch, budget: usize) -> Result<Vec<BTreeSet<i32>>, PipelineError> {
+    let mut per_date: std::collections::BTreeMap<i32, usize> = Default::default();
+    for d in dates(batch, "date")?.iter().flatten() {
+        *per_date.entry(d).or_default() += 1;
+    }
+    let row_bytes = batch.get_array_memory_size() / batch.num_rows().max(1);
+    let mut chunks: Vec<BTreeSet<i32>> = Vec::new();
+    let mut used = 0usize;
+    for (date, rows) in per_date {
+        let bytes = rows.saturating_mul(row_bytes).saturating_mul(2);
+        match chunks.last_mut() {
+            Some(chunk) if used.saturating_add(bytes) <= budget => {
+                chunk.insert(date);
+                used += bytes;
+            }
+            _ => {
+                chunks.push(BTreeSet::from([date]));
+                used = bytes;
+            }
+        }
+    }
+    Ok(chunks)
+}
+
+/// One chunk of [`merge_dedup`]: `new_rows` all fall on `days`. Returns the
+/// table after its commit (if any).
+#[allow(clippy::too_many_arguments)]
+async fn merge_dates(
+    ctx: &SessionContext,
+    table: DeltaTable,
+    loc: &str,
+    schema: &SchemaRef,
+    new_rows: RecordBatch,
+    days: BTreeSet<i32>,
+    dedup: &Dedup<'_>,
+    txns: &[(&str, i64)],
+) -> Result<(DeltaTable, Merged), PipelineError> {
+    let nothing = Merged::default();
     let started = std::time::Instant::now();
+    let mut reservation =
+        MemoryConsumer::new(format!("silver merge {loc}")).register(&ctx.runtime_env().memory_pool);
+    let reserve = |reservation: &mut MemoryReservation, bytes: usize, what: &str| {
+        reservation
+            .try_resize(bytes)
+            .map_err(|_| PipelineError::Memory {
+                table: loc.to_string(),
+                what: format!("{what} of {} date(s)", days.len()),
+                needed_bytes: bytes,
+            })
+    };
+    reserve(
+        &mut reservation,
+        new_rows.get_array_memory_size(),
+        "the new rows",
+    )?;
     ctx.register_table("silver_cur", lake::provider(ctx, &table, loc).await?)?;
     let held = async {
         ctx.sql(&format!(
@@ -280,6 +376,13 @@ pub(crate) async fn merge_dedup(
         .iter()
         .map(|b| lake::conform(b, schema))
         .collect::<Result<Vec<_>, _>>()?;
+    let held_bytes: usize = held.iter().map(RecordBatch::get_array_memory_size).sum();
+    // Held and new rows, and their concatenation, exist together.
+    reserve(
+        &mut reservation,
+        2 * (held_bytes + new_rows.get_array_memory_size()),
+        "the held and new rows",
+    )?;
     let read_held = started.elapsed().as_secs_f64();
     // Silver only grows by union, so a date whose deduplicated row count
     // equals what it holds already gained nothing.
@@ -293,6 +396,7 @@ pub(crate) async fn merge_dedup(
     let all =
         concat_batches(schema, held.iter().chain(std::iter::once(&new_rows))).map_err(arrow_err)?;
     drop(held);
+    drop(new_rows);
     let winners = dedup_winners(&all, dedup)?;
     let all_dates = dates(&all, "date")?;
     let mut after: HashMap<i32, u64> = HashMap::new();
@@ -304,8 +408,8 @@ pub(crate) async fn merge_dedup(
         .filter(|d| after.get(d).copied().unwrap_or(0) != before.get(d).copied().unwrap_or(0))
         .collect();
     if days.is_empty() {
-        lake::record_progress(table, loc, schema, "date", txns).await?;
-        return Ok(nothing);
+        let table = lake::record_progress(table, loc, schema, "date", txns).await?;
+        return Ok((table, nothing));
     }
     let keep: UInt32Array = winners
         .into_iter()
@@ -316,7 +420,8 @@ pub(crate) async fn merge_dedup(
     let out = sort_batch(&out, dedup.sort)?;
     let rows_out = out.num_rows() as u64;
     let deduped = started.elapsed().as_secs_f64();
-    lake::replace_where(
+    let dates_rewritten = days.len() as u64;
+    let table = lake::replace_where(
         ctx,
         table,
         loc,
@@ -330,16 +435,19 @@ pub(crate) async fn merge_dedup(
     tracing::debug!(
         table = loc,
         rows_out,
-        dates = days.len(),
+        dates = dates_rewritten,
         read_held_s = read_held,
         dedup_s = deduped - read_held,
         write_s = started.elapsed().as_secs_f64() - deduped,
         "silver merge"
     );
-    Ok(Merged {
-        rows_out,
-        dates_rewritten: days.len() as u64,
-    })
+    Ok((
+        table,
+        Merged {
+            rows_out,
+            dates_rewritten,
+        },
+    ))
 }
 
 fn arrow_err(e: ArrowError) -> PipelineError {
@@ -411,6 +519,142 @@ fn sort_batch(batch: &RecordBatch, sort: &str) -> Result<RecordBatch, PipelineEr
 mod tests {
     use super::*;
     use deltalake::arrow::datatypes::{Field, Schema};
+
+    fn dated(days: &[(i32, usize)], text_bytes: usize) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("date", DataType::Date32, false),
+            Field::new("id", DataType::Utf8, false),
+            Field::new("received", DataType::Int64, true),
+            Field::new("text", DataType::Utf8, false),
+        ]));
+        let mut date = Vec::new();
+        let mut id = Vec::new();
+        for &(d, n) in days {
+            for i in 0..n {
+                date.push(d);
+                id.push(format!("{d}-{i}"));
+            }
+        }
+        let n = date.len();
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Date32Array::from(date)),
+                Arc::new(StringArray::from(id)),
+                Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                Arc::new(StringArray::from(vec!["x".repeat(text_bytes); n])),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn dates_are_chunked_to_the_budget_in_order() {
+        let b = dated(&[(3, 100), (1, 100), (2, 300), (4, 10)], 100);
+        let all = date_chunks(&b, usize::MAX).unwrap();
+        assert_eq!(all, vec![BTreeSet::from([1, 2, 3, 4])]);
+        // Each row counts twice its size: a budget of ~400 rows' worth.
+        let row = b.get_array_memory_size() / b.num_rows();
+        let chunks = date_chunks(&b, row * 2 * 400).unwrap();
+        assert_eq!(
+            chunks,
+            vec![BTreeSet::from([1, 2]), BTreeSet::from([3, 4])],
+            "in date order, a date never split"
+        );
+        // A date larger than the budget is a chunk of its own.
+        let one_each = date_chunks(&b, 1).unwrap();
+        assert_eq!(one_each.len(), 4);
+        assert!(date_chunks(&dated(&[], 1), 1).unwrap().is_empty());
+    }
+
+    /// With a pool small enough that each date is its own chunk, a merge
+    /// commits per chunk, records the progress once at the end, keeps every
+    /// row once and a rerun of the same rows rewrites nothing.
+    #[tokio::test]
+    async fn chunked_merge_is_complete_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = dir.path().join("t").to_str().unwrap().to_string();
+        let rows = dated(&[(20_000, 2_000), (20_001, 2_000), (20_002, 2_000)], 1_000);
+        let schema = rows.schema();
+        let table = lake::open_or_create(&loc, &HashMap::new(), &schema, "date", "test")
+            .await
+            .unwrap();
+        let created = table.version().unwrap();
+        let ctx = lake::session(16 << 20).unwrap();
+        assert_eq!(date_chunks(&rows, merge_budget(&ctx)).unwrap().len(), 3);
+        let dedup = Dedup {
+            key: "date, id",
+            order: "received",
+            sort: "date, id",
+        };
+        // The same rows twice in one batch: duplicates count once.
+        let doubled = concat_batches(&schema, [&rows, &rows]).unwrap();
+        let m = merge_dedup(&ctx, table, &loc, &schema, doubled, &dedup, &[("app", 7)])
+            .await
+            .unwrap();
+        assert_eq!((m.rows_out, m.dates_rewritten), (6_000, 3));
+        let table = lake::load_table(&loc, &HashMap::new())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            table.version().unwrap(),
+            created + 3,
+            "one commit per chunk"
+        );
+        assert_eq!(
+            lake::app_version(&table, &loc, "app").await.unwrap(),
+            Some(7)
+        );
+        let m = merge_dedup(&ctx, table, &loc, &schema, rows, &dedup, &[("app", 8)])
+            .await
+            .unwrap();
+        assert_eq!((m.rows_out, m.dates_rewritten), (0, 0));
+        let table = lake::load_table(&loc, &HashMap::new())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(table.version().unwrap(), created + 4, "only the progress");
+        assert_eq!(
+            lake::app_version(&table, &loc, "app").await.unwrap(),
+            Some(8)
+        );
+        ctx.register_table("t", lake::provider(&ctx, &table, &loc).await.unwrap())
+            .unwrap();
+        let n = ctx
+            .sql("SELECT count(*) AS n, count(DISTINCT id) AS d FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let (n, d) = (ints(&n[0], "n").unwrap(), ints(&n[0], "d").unwrap());
+        assert_eq!((n.value(0), d.value(0)), (6_000, 6_000));
+    }
+
+    #[tokio::test]
+    async fn a_date_larger_than_the_pool_fails_with_what_to_raise() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = dir.path().join("t").to_str().unwrap().to_string();
+        // ~20 MB on one date, against a 16 MiB pool.
+        let rows = dated(&[(20_000, 20_000)], 1_000);
+        let schema = rows.schema();
+        let table = lake::open_or_create(&loc, &HashMap::new(), &schema, "date", "test")
+            .await
+            .unwrap();
+        let ctx = lake::session(16 << 20).unwrap();
+        let dedup = Dedup {
+            key: "date, id",
+            order: "received",
+            sort: "id",
+        };
+        let err = merge_dedup(&ctx, table, &loc, &schema, rows, &dedup, &[])
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, PipelineError::Memory { .. }), "{text}");
+        assert!(text.contains("pipeline.memory_limit_bytes"), "{text}");
+    }
 
     fn batch(ids: &[&str], received: &[Option<i64>], tag: &[&str]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![

@@ -236,6 +236,15 @@ pub enum PipelineError {
     Log(String),
     #[error(transparent)]
     Tariffs(#[from] tariffs::TariffError),
+    #[error(
+        "{table}: merging {what} needs {needed_bytes} bytes, more than the pipeline's memory \
+         limit leaves free; raise pipeline.memory_limit_bytes (CSMS_PIPELINE__MEMORY_LIMIT_BYTES)"
+    )]
+    Memory {
+        table: String,
+        what: String,
+        needed_bytes: usize,
+    },
 }
 
 impl From<DataFusionError> for PipelineError {
