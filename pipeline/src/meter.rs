@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use deltalake::arrow::array::{
     ArrayRef, Date32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
+    StringBuilder, TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::datafusion::datasource::MemTable;
@@ -94,21 +94,21 @@ fn ts_array(v: Vec<i64>) -> ArrayRef {
 #[derive(Default)]
 pub(crate) struct MeterRows {
     date: Vec<i32>,
-    station_id: Vec<String>,
-    transaction_id: Vec<Option<String>>,
+    station_id: StringBuilder,
+    transaction_id: StringBuilder,
     evse_id: Vec<Option<i32>>,
     connector_id: Vec<Option<i32>>,
     sampled_at: Vec<i64>,
-    measurand: Vec<String>,
-    phase: Vec<Option<String>>,
-    unit: Vec<String>,
-    context: Vec<Option<String>>,
-    location: Vec<Option<String>>,
+    measurand: StringBuilder,
+    phase: StringBuilder,
+    unit: StringBuilder,
+    context: StringBuilder,
+    location: StringBuilder,
     value: Vec<f64>,
     received_at: Vec<i64>,
-    ocpp_version: Vec<&'static str>,
-    message_id: Vec<String>,
-    action: Vec<String>,
+    ocpp_version: StringBuilder,
+    message_id: StringBuilder,
+    action: StringBuilder,
     sample_index: Vec<i32>,
 }
 
@@ -136,43 +136,44 @@ impl SilverRows for MeterRows {
                 .map(|t| t.timestamp_micros())
                 .unwrap_or(m.received_us);
             self.date.push(at.div_euclid(MICROS_PER_DAY) as i32);
-            self.station_id.push(m.station.to_string());
-            self.transaction_id.push(s.transaction_id.clone());
+            self.station_id.append_value(m.station);
+            self.transaction_id
+                .append_option(s.transaction_id.as_deref());
             self.evse_id.push(s.evse_id);
             self.connector_id.push(s.connector_id);
             self.sampled_at.push(at);
-            self.measurand.push(s.measurand.clone());
-            self.phase.push(s.phase.clone());
-            self.unit.push(s.unit.clone());
-            self.context.push(s.context.clone());
-            self.location.push(s.location.clone());
+            self.measurand.append_value(&s.measurand);
+            self.phase.append_option(s.phase.as_deref());
+            self.unit.append_value(&s.unit);
+            self.context.append_option(s.context.as_deref());
+            self.location.append_option(s.location.as_deref());
             self.value.push(s.value);
             self.received_at.push(m.received_us);
-            self.ocpp_version.push(m.version.as_str());
-            self.message_id.push(m.message_id.to_string());
-            self.action.push(m.action.to_string());
+            self.ocpp_version.append_value(m.version.as_str());
+            self.message_id.append_value(m.message_id);
+            self.action.append_value(m.action);
             self.sample_index.push(index as i32);
         }
     }
 
-    fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
+    fn into_batch(mut self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Date32Array::from(self.date)),
-            Arc::new(StringArray::from(self.station_id)),
-            Arc::new(StringArray::from(self.transaction_id)),
+            Arc::new(self.station_id.finish()),
+            Arc::new(self.transaction_id.finish()),
             Arc::new(Int32Array::from(self.evse_id)),
             Arc::new(Int32Array::from(self.connector_id)),
             ts_array(self.sampled_at),
-            Arc::new(StringArray::from(self.measurand)),
-            Arc::new(StringArray::from(self.phase)),
-            Arc::new(StringArray::from(self.unit)),
-            Arc::new(StringArray::from(self.context)),
-            Arc::new(StringArray::from(self.location)),
+            Arc::new(self.measurand.finish()),
+            Arc::new(self.phase.finish()),
+            Arc::new(self.unit.finish()),
+            Arc::new(self.context.finish()),
+            Arc::new(self.location.finish()),
             Arc::new(Float64Array::from(self.value)),
             ts_array(self.received_at),
-            Arc::new(StringArray::from(self.ocpp_version)),
-            Arc::new(StringArray::from(self.message_id)),
-            Arc::new(StringArray::from(self.action)),
+            Arc::new(self.ocpp_version.finish()),
+            Arc::new(self.message_id.finish()),
+            Arc::new(self.action.finish()),
             Arc::new(Int32Array::from(self.sample_index)),
         ];
         RecordBatch::try_new(schema.clone(), columns)
@@ -183,21 +184,21 @@ impl SilverRows for MeterRows {
 #[derive(Default)]
 struct EventRows {
     date: Vec<i32>,
-    station_id: Vec<String>,
-    transaction_id: Vec<String>,
-    kind: Vec<&'static str>,
+    station_id: StringBuilder,
+    transaction_id: StringBuilder,
+    kind: StringBuilder,
     seq_no: Vec<Option<i64>>,
     event_time: Vec<i64>,
     received_at: Vec<i64>,
     evse_id: Vec<Option<i32>>,
     connector_id: Vec<Option<i32>>,
-    id_token: Vec<Option<String>>,
+    id_token: StringBuilder,
     meter_wh: Vec<Option<f64>>,
-    stop_reason: Vec<Option<String>>,
-    trigger_reason: Vec<Option<String>>,
-    ocpp_version: Vec<&'static str>,
-    message_id: Vec<String>,
-    action: Vec<String>,
+    stop_reason: StringBuilder,
+    trigger_reason: StringBuilder,
+    ocpp_version: StringBuilder,
+    message_id: StringBuilder,
+    action: StringBuilder,
 }
 
 /// The version-neutral parts of a transaction event.
@@ -265,41 +266,42 @@ impl EventRows {
         };
         let at = f.event_time.unwrap_or(msg.received_at);
         self.date.push(at.div_euclid(MICROS_PER_DAY) as i32);
-        self.station_id.push(msg.station_id.to_string());
-        self.transaction_id.push(f.transaction_id);
-        self.kind.push(f.kind);
+        self.station_id.append_value(msg.station_id);
+        self.transaction_id.append_value(&f.transaction_id);
+        self.kind.append_value(f.kind);
         self.seq_no.push(f.seq_no);
         self.event_time.push(at);
         self.received_at.push(msg.received_at);
         self.evse_id.push(f.evse_id);
         self.connector_id.push(f.connector_id);
-        self.id_token.push(f.id_token);
+        self.id_token.append_option(f.id_token.as_deref());
         self.meter_wh.push(f.meter_wh);
-        self.stop_reason.push(f.stop_reason);
-        self.trigger_reason.push(f.trigger_reason);
-        self.ocpp_version.push(msg.version.as_str());
-        self.message_id.push(msg.message_id.to_string());
-        self.action.push(msg.action.to_string());
+        self.stop_reason.append_option(f.stop_reason.as_deref());
+        self.trigger_reason
+            .append_option(f.trigger_reason.as_deref());
+        self.ocpp_version.append_value(msg.version.as_str());
+        self.message_id.append_value(msg.message_id);
+        self.action.append_value(msg.action);
     }
 
-    fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
+    fn into_batch(mut self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Date32Array::from(self.date)),
-            Arc::new(StringArray::from(self.station_id)),
-            Arc::new(StringArray::from(self.transaction_id)),
-            Arc::new(StringArray::from(self.kind)),
+            Arc::new(self.station_id.finish()),
+            Arc::new(self.transaction_id.finish()),
+            Arc::new(self.kind.finish()),
             Arc::new(Int64Array::from(self.seq_no)),
             ts_array(self.event_time),
             ts_array(self.received_at),
             Arc::new(Int32Array::from(self.evse_id)),
             Arc::new(Int32Array::from(self.connector_id)),
-            Arc::new(StringArray::from(self.id_token)),
+            Arc::new(self.id_token.finish()),
             Arc::new(Float64Array::from(self.meter_wh)),
-            Arc::new(StringArray::from(self.stop_reason)),
-            Arc::new(StringArray::from(self.trigger_reason)),
-            Arc::new(StringArray::from(self.ocpp_version)),
-            Arc::new(StringArray::from(self.message_id)),
-            Arc::new(StringArray::from(self.action)),
+            Arc::new(self.stop_reason.finish()),
+            Arc::new(self.trigger_reason.finish()),
+            Arc::new(self.ocpp_version.finish()),
+            Arc::new(self.message_id.finish()),
+            Arc::new(self.action.finish()),
         ];
         RecordBatch::try_new(schema.clone(), columns)
             .map_err(|e| PipelineError::Arrow(e.to_string()))

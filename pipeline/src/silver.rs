@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate};
 use deltalake::arrow::array::{
-    ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray,
+    ArrayRef, BooleanArray, Date32Array, Int32Array, RecordBatch, StringBuilder,
     TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::SchemaRef;
@@ -96,19 +96,19 @@ pub(crate) fn range_sql(column: &str, opts: &RunOptions) -> String {
 #[derive(Default)]
 pub(crate) struct Rows {
     date: Vec<i32>,
-    station_id: Vec<String>,
+    station_id: StringBuilder,
     evse_id: Vec<Option<i32>>,
     connector_id: Vec<i32>,
-    status: Vec<String>,
+    status: StringBuilder,
     is_fault: Vec<bool>,
-    error_code: Vec<Option<String>>,
-    info: Vec<Option<String>>,
-    vendor_error_code: Vec<Option<String>>,
+    error_code: StringBuilder,
+    info: StringBuilder,
+    vendor_error_code: StringBuilder,
     event_time: Vec<i64>,
     received_at: Vec<i64>,
-    ocpp_version: Vec<&'static str>,
-    message_id: Vec<String>,
-    action: Vec<String>,
+    ocpp_version: StringBuilder,
+    message_id: StringBuilder,
+    action: StringBuilder,
     event_index: Vec<i32>,
 }
 
@@ -133,42 +133,43 @@ impl SilverRows for Rows {
                 .map(|t| t.timestamp_micros())
                 .unwrap_or(m.received_us);
             self.date.push(event_us.div_euclid(MICROS_PER_DAY) as i32);
-            self.station_id.push(m.station.to_string());
+            self.station_id.append_value(m.station);
             self.evse_id.push(s.evse_id);
             self.connector_id.push(s.connector_id);
-            self.status.push(s.status.clone());
+            self.status.append_value(&s.status);
             self.is_fault.push(s.is_fault);
-            self.error_code.push(s.error_code.clone());
-            self.info.push(s.info.clone());
-            self.vendor_error_code.push(s.vendor_error_code.clone());
+            self.error_code.append_option(s.error_code.as_deref());
+            self.info.append_option(s.info.as_deref());
+            self.vendor_error_code
+                .append_option(s.vendor_error_code.as_deref());
             self.event_time.push(event_us);
             self.received_at.push(m.received_us);
-            self.ocpp_version.push(m.version.as_str());
-            self.message_id.push(m.message_id.to_string());
-            self.action.push(m.action.to_string());
+            self.ocpp_version.append_value(m.version.as_str());
+            self.message_id.append_value(m.message_id);
+            self.action.append_value(m.action);
             self.event_index.push(index as i32);
         }
     }
 
-    fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
+    fn into_batch(mut self, schema: &SchemaRef) -> Result<RecordBatch, PipelineError> {
         let ts = |v: Vec<i64>| -> ArrayRef {
             Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
         };
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Date32Array::from(self.date)),
-            Arc::new(StringArray::from(self.station_id)),
+            Arc::new(self.station_id.finish()),
             Arc::new(Int32Array::from(self.evse_id)),
             Arc::new(Int32Array::from(self.connector_id)),
-            Arc::new(StringArray::from(self.status)),
+            Arc::new(self.status.finish()),
             Arc::new(BooleanArray::from(self.is_fault)),
-            Arc::new(StringArray::from(self.error_code)),
-            Arc::new(StringArray::from(self.info)),
-            Arc::new(StringArray::from(self.vendor_error_code)),
+            Arc::new(self.error_code.finish()),
+            Arc::new(self.info.finish()),
+            Arc::new(self.vendor_error_code.finish()),
             ts(self.event_time),
             ts(self.received_at),
-            Arc::new(StringArray::from(self.ocpp_version)),
-            Arc::new(StringArray::from(self.message_id)),
-            Arc::new(StringArray::from(self.action)),
+            Arc::new(self.ocpp_version.finish()),
+            Arc::new(self.message_id.finish()),
+            Arc::new(self.action.finish()),
             Arc::new(Int32Array::from(self.event_index)),
         ];
         RecordBatch::try_new(schema.clone(), columns)
