@@ -36,6 +36,19 @@ use crate::schedule::ScheduleParams;
 use crate::station::{Pacing, Phase, Station, StationConfig};
 use crate::stats::{Progress, Stats, Summary};
 
+/// `p50 / p99 / p99.999 / max` of a histogram in ms, and its count.
+fn latency_line(h: &hdrhistogram::Histogram<u64>) -> String {
+    let ms = |us: u64| us as f64 / 1000.0;
+    format!(
+        "{:.2} / {:.2} / {:.2} / {:.2} ms ({} CALLs)",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.99999)),
+        ms(h.max()),
+        h.len()
+    )
+}
+
 /// Descriptors a process keeps for itself besides station sockets.
 const FD_RESERVE: u64 = 200;
 
@@ -293,6 +306,21 @@ impl fmt::Display for Report {
                 "CALL latency max".into(),
                 format!("{:.2} ms", h.max() as f64 / 1000.0),
             ));
+            // The same, split: boots (connect phase, storm) and the rest.
+            let mut other = h.clone();
+            if other.subtract(&s.boot_latency).is_ok() {
+                for (name, part) in [
+                    ("BootNotification", &s.boot_latency),
+                    ("other CALLs", &other),
+                ] {
+                    if !part.is_empty() {
+                        rows.push((
+                            format!("{name} latency p50 / p99 / p99.999 / max"),
+                            latency_line(part),
+                        ));
+                    }
+                }
+            }
         }
         if a.mode == Mode::Storm {
             rows.push((
@@ -775,6 +803,11 @@ impl Fleet {
             server,
             url_base: format!("{url}/"),
             password: args.password.clone(),
+            ports_per_station: if source_ips.is_empty() {
+                0
+            } else {
+                station::ports_per_station(args.stations.div_ceil(source_ips.len()))
+            },
             source_ips,
             schedule: ScheduleParams {
                 heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),

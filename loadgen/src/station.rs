@@ -57,6 +57,9 @@ pub struct StationConfig {
     pub password: Option<String>,
     /// Source addresses to spread over (empty: let the kernel pick).
     pub source_ips: Vec<IpAddr>,
+    /// Source ports each station cycles through on its address (0: let
+    /// the kernel pick); see [`source_port`].
+    pub ports_per_station: u16,
     pub schedule: ScheduleParams,
     pub pacing: Pacing,
     pub backoff: Backoff,
@@ -74,6 +77,32 @@ pub fn station_id(prefix: &str, index: usize) -> String {
 pub fn is_v201(index: usize, ratio_201: f64) -> bool {
     let r = ratio_201.clamp(0.0, 1.0);
     ((index + 1) as f64 * r).floor() > (index as f64 * r).floor()
+}
+
+/// First source port handed out explicitly.
+const FIRST_SOURCE_PORT: u16 = 1024;
+
+/// How many source ports each station may cycle through when `per_address`
+/// stations share one source address: the address's ports above 1024 split
+/// evenly, at most 16; 0 when fewer than 2 each (the kernel picks then).
+///
+/// Why not let the kernel pick: `bind(addr, 0)` searches the address's port
+/// space for a port no socket holds, and with ~10,000 sockets on an address
+/// that search (inet_bind2_bucket_*, inet_bhash2_conflict in `perf`) took
+/// about 30% of both cores during a 100,000-station reconnect storm, more
+/// than the CSMS spent answering it. A port chosen up front is one lookup.
+pub fn ports_per_station(per_address: usize) -> u16 {
+    let span = (u16::MAX - FIRST_SOURCE_PORT) as usize;
+    let k = span / per_address.max(1);
+    if k < 2 { 0 } else { k.min(16) as u16 }
+}
+
+/// The source port of a station's `generation`-th connection: station
+/// `slot` on its address owns ports `[1024 + slot*k, 1024 + (slot+1)*k)` and
+/// cycles through them, so a reconnect does not reuse the port whose last
+/// connection may still be in TIME_WAIT.
+pub fn source_port(slot: usize, k: u16, generation: u16) -> u16 {
+    FIRST_SOURCE_PORT + (slot * k as usize + (generation % k) as usize) as u16
 }
 
 /// The `i`-th source address: 127.0.0.2, 127.0.0.3, ... (continuing into
@@ -108,6 +137,8 @@ pub struct Station {
     storm_dropped: bool,
     /// Message ids that got no CALLRESULT, ascending.
     unacked: Vec<u64>,
+    /// Connection attempts so far, choosing the next source port.
+    connection_gen: u16,
 }
 
 impl Station {
@@ -136,6 +167,7 @@ impl Station {
             stormed: false,
             storm_dropped: false,
             unacked: Vec::new(),
+            connection_gen: 0,
         }
     }
 
@@ -220,10 +252,30 @@ impl Station {
     async fn connect(&mut self) -> Result<Ws, String> {
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {}", e.kind()))?;
         if !self.cfg.source_ips.is_empty() {
-            let ip = self.cfg.source_ips[self.index % self.cfg.source_ips.len()];
-            socket
-                .bind(SocketAddr::new(ip, 0))
-                .map_err(|e| format!("bind {ip}: {}", e.kind()))?;
+            let n = self.cfg.source_ips.len();
+            let ip = self.cfg.source_ips[self.index % n];
+            let mut bound = false;
+            if self.cfg.ports_per_station > 0 {
+                // The previous connections' ports may still be in TIME_WAIT.
+                let _ = socket.set_reuseaddr(true);
+                for _ in 0..self.cfg.ports_per_station {
+                    self.connection_gen = self.connection_gen.wrapping_add(1);
+                    let port = source_port(
+                        self.index / n,
+                        self.cfg.ports_per_station,
+                        self.connection_gen,
+                    );
+                    if socket.bind(SocketAddr::new(ip, port)).is_ok() {
+                        bound = true;
+                        break;
+                    }
+                }
+            }
+            if !bound {
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .map_err(|e| format!("bind {ip}: {}", e.kind()))?;
+            }
         }
         let limit = self.cfg.call_timeout;
         let stream = timeout(limit, socket.connect(self.cfg.server))
@@ -460,7 +512,8 @@ impl Station {
                 Flow::Continue => {}
                 Flow::Closed => return CallOutcome::Lost,
                 Flow::Answer(outcome) => {
-                    self.stats.record_latency(sent_at.elapsed());
+                    self.stats
+                        .record_latency(sent_at.elapsed(), action == "BootNotification");
                     self.stats.answered.fetch_add(1, Relaxed);
                     if let CallOutcome::Error(code) = &outcome {
                         self.stats.record_call_error(code);
@@ -593,6 +646,29 @@ mod tests {
         assert!((0..10).all(|i| is_v201(i, 1.0)));
         // Evenly: every window of 10 holds 3.
         assert_eq!((500..510).filter(|&i| is_v201(i, 0.3)).count(), 3);
+    }
+
+    #[test]
+    fn source_ports_are_disjoint_per_station_and_in_range() {
+        assert_eq!(ports_per_station(9_091), 7);
+        assert_eq!(ports_per_station(10), 16, "capped");
+        assert_eq!(ports_per_station(40_000), 0, "too many: the kernel picks");
+        for per_address in [1, 9_091, 32_000] {
+            let k = ports_per_station(per_address);
+            let mut seen = std::collections::HashSet::new();
+            let slots: std::collections::BTreeSet<usize> =
+                [0, per_address / 2, per_address - 1].into();
+            for slot in slots {
+                let ports: Vec<u16> = (0..k * 2).map(|g| source_port(slot, k, g)).collect();
+                assert!(ports.iter().all(|&p| p >= 1024));
+                // Consecutive connections never share a port; the cycle repeats.
+                assert!(ports.windows(2).all(|w| w[0] != w[1]));
+                assert_eq!(ports[0], ports[k as usize]);
+                for p in &ports[..k as usize] {
+                    assert!(seen.insert(*p), "port {p} given to two stations");
+                }
+            }
+        }
     }
 
     #[test]

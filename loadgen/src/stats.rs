@@ -57,6 +57,8 @@ pub struct Stats {
     errors_by_code: Mutex<BTreeMap<String, u64>>,
     connect_errors: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<Histogram<u64>>,
+    /// BootNotification CALLs alone (connect phase, storm).
+    boot_latency: Mutex<Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -79,18 +81,28 @@ impl Default for Stats {
             errors_by_code: Mutex::new(BTreeMap::new()),
             connect_errors: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(new_histogram()),
+            boot_latency: Mutex::new(new_histogram()),
         }
     }
 }
 
 impl Stats {
-    pub fn record_latency(&self, d: Duration) {
+    /// Records one CALL's latency (`boot`: it was a BootNotification, also
+    /// kept apart, so the table can tell connect-time from steady-state tails).
+    pub fn record_latency(&self, d: Duration, boot: bool) {
         let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
         self.latency
             .lock()
             .expect("latency lock")
             .record(us)
             .expect("value within bounds");
+        if boot {
+            self.boot_latency
+                .lock()
+                .expect("latency lock")
+                .record(us)
+                .expect("value within bounds");
+        }
     }
 
     pub fn record_call_error(&self, code: &str) {
@@ -146,6 +158,7 @@ impl Stats {
                 .expect("connect errors lock")
                 .clone(),
             latency: hist,
+            boot_latency: self.boot_latency.lock().expect("latency lock").clone(),
             run_answered: 0,
             run_secs: 0.0,
         }
@@ -191,6 +204,8 @@ pub struct Summary {
     pub connect_errors: BTreeMap<String, u64>,
     #[serde(with = "histogram_b64")]
     pub latency: Histogram<u64>,
+    #[serde(with = "histogram_b64")]
+    pub boot_latency: Histogram<u64>,
     /// CALLs answered during the measured run phase and its length: the
     /// throughput figure (connect and boot excluded).
     pub run_answered: u64,
@@ -218,6 +233,9 @@ impl Summary {
             *self.connect_errors.entry(k.clone()).or_default() += v;
         }
         self.latency.add(&o.latency).map_err(StatsError::Merge)?;
+        self.boot_latency
+            .add(&o.boot_latency)
+            .map_err(StatsError::Merge)?;
         self.run_answered += o.run_answered;
         self.run_secs = self.run_secs.max(o.run_secs);
         Ok(())
@@ -272,10 +290,10 @@ mod tests {
         let a = Stats::default();
         let b = Stats::default();
         for ms in 1..=99 {
-            a.record_latency(Duration::from_millis(ms));
+            a.record_latency(Duration::from_millis(ms), false);
             a.answered.fetch_add(1, Relaxed);
         }
-        b.record_latency(Duration::from_secs(2));
+        b.record_latency(Duration::from_secs(2), true);
         b.answered.fetch_add(1, Relaxed);
         a.record_call_error("NotSupported");
         b.record_call_error("NotSupported");
@@ -290,6 +308,7 @@ mod tests {
         let sb: Summary = serde_json::from_str(&serde_json::to_string(&sb).unwrap()).unwrap();
         sa.merge(&sb).unwrap();
         assert_eq!(sa.latency.len(), 100);
+        assert_eq!(sa.boot_latency.len(), 1, "boots are also kept apart");
         assert_eq!(sa.progress.answered, 100);
         assert!(sa.latency.max() >= 1_999_000, "{}", sa.latency.max());
         let p50 = sa.latency.value_at_quantile(0.5);
