@@ -104,7 +104,7 @@ csms, py = table(sys.argv[1]), table(sys.argv[2])
 labels = ["throughput (run phase)", "CALLs answered", "CALL timeouts", "CALL latency p50",
           "CALL latency p99", "CALL latency p99.9", "CALL latency p99.999", "CALL latency max"]
 labels += ["server RSS per connection"]
-print(f"{'figure':<28} {'csms':>18} {'python ocpp':>18} {'ratio':>14}")
+print(f"{'figure':<28} {'csms':>26} {'python ocpp':>26} {'ratio':>14}")
 for label in labels:
     a, b = number(csms.get(label)), number(py.get(label))
     ratio = ""
@@ -113,5 +113,5 @@ for label in labels:
         better_high = label.startswith("throughput") or label == "CALLs answered"
         r = a / b if better_high else b / a
         ratio = f"{r:.1f}x {'more' if better_high else 'lower'}"
-    print(f"{label:<28} {(csms.get(label) or '-')[:18]:>18} {(py.get(label) or '-')[:18]:>18} {ratio:>14}")
+    print(f"{label:<28} {csms.get(label) or '-':>26} {py.get(label) or '-':>26} {ratio:>14}")
 PY
