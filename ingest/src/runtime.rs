@@ -256,7 +256,8 @@ pub async fn start_with(
         }
     }));
 
-    let lake_task = tokio::spawn(lake_writer.run(shutdown.clone()));
+    let lake_task = spawn_lake_writer(lake_writer, shutdown.clone())
+        .map_err(|e| StartError::Component(format!("starting the lake writer thread: {e}")))?;
     info!(%ocpp_addr, ?ocpp_tls_addr, %http_addr, node = %node_id, "csms node listening");
     Ok(Running {
         node,
@@ -269,6 +270,33 @@ pub async fn start_with(
         lake_task,
         _wal: wal,
     })
+}
+
+/// Runs the lake writer on a runtime of its own, in a thread of its own.
+/// Its work is CPU work (Parquet encoding, Delta commits, and with several
+/// workers appending to bronze, conflict retries and log replays); on the
+/// session runtime it would hold one of its few worker threads for the
+/// length of a flush, and every station whose task sits behind it would
+/// wait. Apart, the OS shares the cores and no session task is stuck behind
+/// a flush. The returned handle completes when the writer has stopped.
+fn spawn_lake_writer(
+    writer: LakeWriter,
+    shutdown: CancellationToken,
+) -> std::io::Result<JoinHandle<()>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("csms-lake")
+        .build()?;
+    std::thread::Builder::new()
+        .name("csms-lake".into())
+        .spawn(move || {
+            runtime.block_on(writer.run(shutdown));
+            let _ = done_tx.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = done_rx.await;
+    }))
 }
 
 /// A listening socket; workers of one `csms serve --workers N` share their
