@@ -36,6 +36,27 @@ use crate::schedule::ScheduleParams;
 use crate::station::{Pacing, Phase, Station, StationConfig};
 use crate::stats::{Progress, Stats, Summary};
 
+/// Where slow CALLs fall in time: their count, the seconds (relative to the
+/// first) that held them, the busiest few. A stall shows as a few seconds
+/// holding most of them; a steady tail as many seconds with a few each.
+fn slow_calls_line(slow: &std::collections::BTreeMap<u64, u64>) -> Option<String> {
+    let first = *slow.keys().next()?;
+    let total: u64 = slow.values().sum();
+    let mut busiest: Vec<(u64, u64)> = slow.iter().map(|(t, n)| (*t - first, *n)).collect();
+    busiest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let top: Vec<String> = busiest
+        .iter()
+        .take(5)
+        .map(|(t, n)| format!("+{t}s: {n}"))
+        .collect();
+    Some(format!(
+        "{total} in {} distinct seconds over {} s; busiest {}",
+        slow.len(),
+        slow.keys().last().map_or(0, |l| l - first) + 1,
+        top.join(", ")
+    ))
+}
+
 /// `p50 / p99 / p99.999 / max` of a histogram in ms, and its count.
 fn latency_line(h: &hdrhistogram::Histogram<u64>) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
@@ -306,6 +327,15 @@ impl fmt::Display for Report {
                 "CALL latency max".into(),
                 format!("{:.2} ms", h.max() as f64 / 1000.0),
             ));
+            if let Some(line) = slow_calls_line(&s.slow_calls) {
+                rows.push((
+                    format!(
+                        "CALLs over {} s, by second answered",
+                        stats::SLOW_CALL.as_secs()
+                    ),
+                    line,
+                ));
+            }
             // The same, split: boots (connect phase, storm) and the rest.
             let mut other = h.clone();
             if other.subtract(&s.boot_latency).is_ok() {

@@ -59,7 +59,13 @@ pub struct Stats {
     latency: Mutex<Histogram<u64>>,
     /// BootNotification CALLs alone (connect phase, storm).
     boot_latency: Mutex<Histogram<u64>>,
+    /// When CALLs slower than [`SLOW_CALL`] were answered (unix seconds).
+    slow_calls: Mutex<BTreeMap<u64, u64>>,
 }
+
+/// A CALL this slow is counted by the second it was answered in, so the
+/// report can tell a steady tail from a stall.
+pub const SLOW_CALL: Duration = Duration::from_secs(1);
 
 impl Default for Stats {
     fn default() -> Self {
@@ -82,6 +88,7 @@ impl Default for Stats {
             connect_errors: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(new_histogram()),
             boot_latency: Mutex::new(new_histogram()),
+            slow_calls: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -96,6 +103,17 @@ impl Stats {
             .expect("latency lock")
             .record(us)
             .expect("value within bounds");
+        if d >= SLOW_CALL {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs());
+            *self
+                .slow_calls
+                .lock()
+                .expect("slow calls lock")
+                .entry(now)
+                .or_default() += 1;
+        }
         if boot {
             self.boot_latency
                 .lock()
@@ -159,6 +177,7 @@ impl Stats {
                 .clone(),
             latency: hist,
             boot_latency: self.boot_latency.lock().expect("latency lock").clone(),
+            slow_calls: self.slow_calls.lock().expect("slow calls lock").clone(),
             run_answered: 0,
             run_secs: 0.0,
         }
@@ -206,6 +225,9 @@ pub struct Summary {
     pub latency: Histogram<u64>,
     #[serde(with = "histogram_b64")]
     pub boot_latency: Histogram<u64>,
+    /// CALLs slower than [`SLOW_CALL`] per unix second they were answered in.
+    #[serde(default)]
+    pub slow_calls: BTreeMap<u64, u64>,
     /// CALLs answered during the measured run phase and its length: the
     /// throughput figure (connect and boot excluded).
     pub run_answered: u64,
@@ -236,6 +258,9 @@ impl Summary {
         self.boot_latency
             .add(&o.boot_latency)
             .map_err(StatsError::Merge)?;
+        for (t, n) in &o.slow_calls {
+            *self.slow_calls.entry(*t).or_default() += n;
+        }
         self.run_answered += o.run_answered;
         self.run_secs = self.run_secs.max(o.run_secs);
         Ok(())
@@ -309,6 +334,11 @@ mod tests {
         sa.merge(&sb).unwrap();
         assert_eq!(sa.latency.len(), 100);
         assert_eq!(sa.boot_latency.len(), 1, "boots are also kept apart");
+        assert_eq!(
+            sa.slow_calls.values().sum::<u64>(),
+            1,
+            "the 2 s CALL is slow"
+        );
         assert_eq!(sa.progress.answered, 100);
         assert!(sa.latency.max() >= 1_999_000, "{}", sa.latency.max());
         let p50 = sa.latency.value_at_quantile(0.5);
