@@ -39,9 +39,10 @@ use crate::stats::{Progress, Stats, Summary};
 /// Where slow CALLs fall in time: their count, the seconds (relative to the
 /// first) that held them, the busiest few. A stall shows as a few seconds
 /// holding most of them; a steady tail as many seconds with a few each.
-fn slow_calls_line(slow: &std::collections::BTreeMap<u64, u64>) -> Option<String> {
-    let first = *slow.keys().next()?;
-    let total: u64 = slow.values().sum();
+fn slow_calls_line(slow: &[(u64, u64)]) -> Option<String> {
+    let first = slow.iter().map(|p| p.0).min()?;
+    let last = slow.iter().map(|p| p.0).max().unwrap_or(first);
+    let total: u64 = slow.iter().map(|p| p.1).sum();
     let mut busiest: Vec<(u64, u64)> = slow.iter().map(|(t, n)| (*t - first, *n)).collect();
     busiest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let top: Vec<String> = busiest
@@ -52,7 +53,7 @@ fn slow_calls_line(slow: &std::collections::BTreeMap<u64, u64>) -> Option<String
     Some(format!(
         "{total} in {} distinct seconds over {} s; busiest {}",
         slow.len(),
-        slow.keys().last().map_or(0, |l| l - first) + 1,
+        last - first + 1,
         top.join(", ")
     ))
 }
@@ -1002,5 +1003,18 @@ mod tests {
         assert_eq!(line, r#"{"kind":"ready","connect_secs":1.5}"#);
         let back: WorkerLine = serde_json::from_str(&line).unwrap();
         assert!(matches!(back, WorkerLine::Ready { connect_secs } if connect_secs == 1.5));
+        // A final summary with everything filled in survives the tagged enum.
+        let stats = Stats::default();
+        stats.record_latency(Duration::from_secs(2), true);
+        let done = WorkerLine::Done {
+            summary: Box::new(stats.summary()),
+        };
+        let back: WorkerLine =
+            serde_json::from_str(&serde_json::to_string(&done).unwrap()).unwrap();
+        let WorkerLine::Done { summary } = back else {
+            panic!("not a summary")
+        };
+        assert_eq!(summary.slow_calls.len(), 1);
+        assert_eq!(summary.boot_latency.len(), 1);
     }
 }

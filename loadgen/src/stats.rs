@@ -177,7 +177,13 @@ impl Stats {
                 .clone(),
             latency: hist,
             boot_latency: self.boot_latency.lock().expect("latency lock").clone(),
-            slow_calls: self.slow_calls.lock().expect("slow calls lock").clone(),
+            slow_calls: self
+                .slow_calls
+                .lock()
+                .expect("slow calls lock")
+                .iter()
+                .map(|(t, n)| (*t, *n))
+                .collect(),
             run_answered: 0,
             run_secs: 0.0,
         }
@@ -225,9 +231,11 @@ pub struct Summary {
     pub latency: Histogram<u64>,
     #[serde(with = "histogram_b64")]
     pub boot_latency: Histogram<u64>,
-    /// CALLs slower than [`SLOW_CALL`] per unix second they were answered in.
+    /// CALLs slower than [`SLOW_CALL`] per unix second they were answered
+    /// in, as pairs: worker lines are an internally tagged enum, through
+    /// which serde cannot read integer map keys back.
     #[serde(default)]
-    pub slow_calls: BTreeMap<u64, u64>,
+    pub slow_calls: Vec<(u64, u64)>,
     /// CALLs answered during the measured run phase and its length: the
     /// throughput figure (connect and boot excluded).
     pub run_answered: u64,
@@ -258,9 +266,11 @@ impl Summary {
         self.boot_latency
             .add(&o.boot_latency)
             .map_err(StatsError::Merge)?;
+        let mut slow: BTreeMap<u64, u64> = self.slow_calls.drain(..).collect();
         for (t, n) in &o.slow_calls {
-            *self.slow_calls.entry(*t).or_default() += n;
+            *slow.entry(*t).or_default() += n;
         }
+        self.slow_calls = slow.into_iter().collect();
         self.run_answered += o.run_answered;
         self.run_secs = self.run_secs.max(o.run_secs);
         Ok(())
@@ -335,7 +345,7 @@ mod tests {
         assert_eq!(sa.latency.len(), 100);
         assert_eq!(sa.boot_latency.len(), 1, "boots are also kept apart");
         assert_eq!(
-            sa.slow_calls.values().sum::<u64>(),
+            sa.slow_calls.iter().map(|p| p.1).sum::<u64>(),
             1,
             "the 2 s CALL is slow"
         );
