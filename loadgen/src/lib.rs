@@ -39,7 +39,7 @@ use crate::stats::{Progress, Stats, Summary};
 /// Where slow CALLs fall in time: their count, the seconds (relative to the
 /// first) that held them, the busiest few. A stall shows as a few seconds
 /// holding most of them; a steady tail as many seconds with a few each.
-fn slow_calls_line(slow: &[(u64, u64)]) -> Option<String> {
+fn slow_calls_line(slow: &[(u64, u64)], run_started_unix: u64) -> Option<String> {
     let first = slow.iter().map(|p| p.0).min()?;
     let last = slow.iter().map(|p| p.0).max().unwrap_or(first);
     let total: u64 = slow.iter().map(|p| p.1).sum();
@@ -50,8 +50,10 @@ fn slow_calls_line(slow: &[(u64, u64)]) -> Option<String> {
         .take(5)
         .map(|(t, n)| format!("+{t}s: {n}"))
         .collect();
+    // Negative: before the run phase (connect phase boots).
+    let offset = first as i64 - run_started_unix as i64;
     Some(format!(
-        "{total} in {} distinct seconds over {} s; busiest {}",
+        "{total} in {} distinct seconds over {} s, from {offset:+} s after the run phase began; busiest {}",
         slow.len(),
         last - first + 1,
         top.join(", ")
@@ -328,7 +330,7 @@ impl fmt::Display for Report {
                 "CALL latency max".into(),
                 format!("{:.2} ms", h.max() as f64 / 1000.0),
             ));
-            if let Some(line) = slow_calls_line(&s.slow_calls) {
+            if let Some(line) = slow_calls_line(&s.slow_calls, s.run_started_unix) {
                 rows.push((
                     format!(
                         "CALLs over {} s, by second answered",
@@ -917,6 +919,9 @@ impl Fleet {
         let _ = ready.send(connect_secs);
         let before = self.stats.progress().answered;
         let run_start = Instant::now();
+        let run_started_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs());
         let _ = phase_tx.send(Phase::Running);
         let limit = Duration::from_secs(self.args.duration_secs);
         if self.args.mode == Mode::Storm {
@@ -965,6 +970,7 @@ impl Fleet {
         summary.progress.connected = connected_at_end;
         summary.run_answered = answered;
         summary.run_secs = run_secs;
+        summary.run_started_unix = run_started_unix;
         Ok(summary)
     }
 }

@@ -186,6 +186,7 @@ impl Stats {
                 .collect(),
             run_answered: 0,
             run_secs: 0.0,
+            run_started_unix: 0,
         }
     }
 }
@@ -240,6 +241,10 @@ pub struct Summary {
     /// throughput figure (connect and boot excluded).
     pub run_answered: u64,
     pub run_secs: f64,
+    /// When the run phase began (unix seconds; the earliest of the
+    /// processes), to place slow CALLs in the run.
+    #[serde(default)]
+    pub run_started_unix: u64,
 }
 
 impl Summary {
@@ -273,6 +278,11 @@ impl Summary {
         self.slow_calls = slow.into_iter().collect();
         self.run_answered += o.run_answered;
         self.run_secs = self.run_secs.max(o.run_secs);
+        self.run_started_unix = match (self.run_started_unix, o.run_started_unix) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
         Ok(())
     }
 
