@@ -419,6 +419,12 @@ impl Station {
                     Some(end) => return end,
                 }
             }
+            // The wait may have ended on its timer in the same instant the
+            // fleet said Stop: a CALL sent now would be measured against the
+            // teardown of every socket of the run, not the run.
+            if self.phase() == Phase::Stop {
+                return End::Stop;
+            }
             if let Pacing::Every(iv) = self.cfg.pacing {
                 next_at += iv;
             }
