@@ -283,19 +283,12 @@ fn spawn_lake_writer(
     writer: LakeWriter,
     shutdown: CancellationToken,
 ) -> std::io::Result<JoinHandle<()>> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("csms-lake")
         .build()?;
-    std::thread::Builder::new()
-        .name("csms-lake".into())
-        .spawn(move || {
-            runtime.block_on(writer.run(shutdown));
-            let _ = done_tx.send(());
-        })?;
-    Ok(tokio::spawn(async move {
-        let _ = done_rx.await;
+    Ok(tokio::task::spawn_blocking(move || {
+        runtime.block_on(writer.run(shutdown))
     }))
 }
 

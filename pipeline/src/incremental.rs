@@ -567,6 +567,20 @@ mod tests {
         assert!(date_chunks(&dated(&[], 1), 1).unwrap().is_empty());
     }
 
+    /// The table at `loc`, checked to be at `version` with `app` progress.
+    async fn reloaded(loc: &str, version: u64, app: i64, why: &str) -> DeltaTable {
+        let table = lake::load_table(loc, &HashMap::new())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(table.version().unwrap(), version, "{why}");
+        assert_eq!(
+            lake::app_version(&table, loc, "app").await.unwrap(),
+            Some(app)
+        );
+        table
+    }
+
     /// With a pool small enough that each date is its own chunk, a merge
     /// commits per chunk, records the progress once at the end, keeps every
     /// row once and a rerun of the same rows rewrites nothing.
@@ -593,32 +607,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((m.rows_out, m.dates_rewritten), (6_000, 3));
-        let table = lake::load_table(&loc, &HashMap::new())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            table.version().unwrap(),
-            created + 3,
-            "one commit per chunk"
-        );
-        assert_eq!(
-            lake::app_version(&table, &loc, "app").await.unwrap(),
-            Some(7)
-        );
+        let table = reloaded(&loc, created + 3, 7, "one commit per chunk").await;
         let m = merge_dedup(&ctx, table, &loc, &schema, rows, &dedup, &[("app", 8)])
             .await
             .unwrap();
         assert_eq!((m.rows_out, m.dates_rewritten), (0, 0));
-        let table = lake::load_table(&loc, &HashMap::new())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(table.version().unwrap(), created + 4, "only the progress");
-        assert_eq!(
-            lake::app_version(&table, &loc, "app").await.unwrap(),
-            Some(8)
-        );
+        let table = reloaded(&loc, created + 4, 8, "only the progress").await;
         ctx.register_table("t", lake::provider(&ctx, &table, &loc).await.unwrap())
             .unwrap();
         let n = ctx
