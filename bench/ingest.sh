@@ -8,7 +8,9 @@
 #                   [-- extra loadgen args]
 # --workers W runs `csms serve --workers W` with a throw-away redis-server;
 # server RSS is then summed over the supervisor and its W workers, and the
-# redis-server's RSS is printed after the table.
+# redis-server's RSS is printed after the table. --redis uses a throw-away
+# redis-server (live status, presence, transaction ids) with one worker too;
+# without either the node keeps its status embedded.
 #
 # MODE is sustained (default, with --rate), saturation, storm or schedule.
 # After the run the server is stopped (its lake writer flushes) and every
@@ -31,6 +33,7 @@ MODE=sustained
 DURATION=30
 PROCESSES=
 WORKERS=1
+REDIS=0
 VERIFY=1
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -38,13 +41,14 @@ while [ $# -gt 0 ]; do
     --debug) PROFILE=debug ;;
     --no-build) BUILD=0 ;;
     --no-verify) VERIFY=0 ;;
+    --redis) REDIS=1 ;;
     --stations) STATIONS=$2; shift ;;
     --mode) MODE=$2; shift ;;
     --duration) DURATION=$2; shift ;;
     --processes) PROCESSES=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -116,11 +120,14 @@ if [ "$WORKERS" -gt 1 ]; then
   # station retries and usually lands on another worker) instead of failing
   # accept() with EMFILE.
   MAX_CONN=19500
+  SERVE_ARGS=(serve --workers "$WORKERS")
+  REDIS=1
+fi
+if [ "$REDIS" = 1 ]; then
   REDIS_PORT=$(free_port)
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
   REDIS_ENV=(REDIS_URL=redis://127.0.0.1:$REDIS_PORT)
-  SERVE_ARGS=(serve --workers "$WORKERS")
 fi
 
 # Limits raised for a load test: no per-station message rate, no per-address
@@ -154,7 +161,8 @@ if [ "$WORKERS" -gt 1 ]; then
   sleep 3
 fi
 
-echo "csms $PROFILE build, $WORKERS server worker(s), $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
+STATUS_STORE=embedded; [ "$REDIS" = 1 ] && STATUS_STORE=redis
+echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
 # Hard time bound: connect phase + run + slack.
 timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \

@@ -14,8 +14,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    lake::LakeConfig, limits::LimitsConfig, status::RedisStatusConfig, tls::TlsConfig,
-    wal::WalConfig,
+    admission::AdmissionConfig, lake::LakeConfig, limits::LimitsConfig, status::RedisStatusConfig,
+    tls::TlsConfig, wal::WalConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +109,8 @@ pub struct Config {
     pub lake: LakeConfig,
     /// The Redis status store (used when `redis_url` is set).
     pub status: RedisStatusConfig,
+    /// Pacing new connections and deferring boots when the node is saturated.
+    pub admission: AdmissionConfig,
 }
 
 impl Default for Config {
@@ -132,6 +134,7 @@ impl Default for Config {
             wal: WalConfig::default(),
             lake: LakeConfig::default(),
             status: RedisStatusConfig::default(),
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -203,6 +206,7 @@ impl Config {
                 "ocpp intervals must be greater than zero".into(),
             ));
         }
+        self.admission.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -416,6 +420,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CSMS_ALLOW_UNKNOWN"), "{e}");
+        let e = Config::load_from(
+            None,
+            env(&[
+                ("CSMS_ADMISSION__PENDING_MIN_SECS", "10"),
+                ("CSMS_ADMISSION__PENDING_MAX_SECS", "2"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("admission.pending_min_secs"), "{e}");
     }
 
     #[test]

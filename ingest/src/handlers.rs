@@ -29,8 +29,9 @@ pub struct Handlers {
     pub ocpp: Arc<OcppConfig>,
     pub tokens: IdTokenRegistry,
     pub txids: TxIdAllocator,
-    /// True while the node is saturated: new boots are told to come back later.
-    pub overloaded: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// While the node is saturated, the interval after which a booting
+    /// station is to try again (it is answered Pending); `None` otherwise.
+    pub defer_boot: Arc<dyn Fn() -> Option<u32> + Send + Sync>,
 }
 
 fn now_str(now: DateTime<Utc>) -> String {
@@ -116,15 +117,14 @@ impl Handlers {
     }
 
     fn boot(&self, now: DateTime<Utc>) -> Value {
-        let policy = if (self.overloaded)() {
-            BootPolicy::Pending
-        } else {
-            self.ocpp.boot_policy
-        };
-        let (status, interval) = match policy {
-            BootPolicy::Accept => ("Accepted", self.ocpp.heartbeat_interval_secs),
-            BootPolicy::Pending => ("Pending", self.ocpp.pending_interval_secs),
-            BootPolicy::Reject => ("Rejected", self.ocpp.pending_interval_secs),
+        let (status, interval) = match (self.ocpp.boot_policy, (self.defer_boot)()) {
+            (BootPolicy::Reject, _) => ("Rejected", self.ocpp.pending_interval_secs),
+            (_, Some(retry_in)) => {
+                metrics::counter!("csms_boots_deferred_total").increment(1);
+                ("Pending", retry_in)
+            }
+            (BootPolicy::Accept, None) => ("Accepted", self.ocpp.heartbeat_interval_secs),
+            (BootPolicy::Pending, None) => ("Pending", self.ocpp.pending_interval_secs),
         };
         json!({ "status": status, "currentTime": now_str(now), "interval": interval })
     }
@@ -191,7 +191,7 @@ mod tests {
             ocpp: Arc::new(OcppConfig::default()),
             tokens: IdTokenRegistry::open(dir, policy).unwrap(),
             txids: TxIdAllocator::File(Arc::new(crate::txid::FileAllocator::open(dir).unwrap())),
-            overloaded: Arc::new(|| false),
+            defer_boot: Arc::new(|| None),
         }
     }
 
@@ -241,13 +241,13 @@ mod tests {
             .unwrap();
         assert_eq!(r["status"], "Accepted");
         assert_eq!(r["interval"], 300);
-        h.overloaded = Arc::new(|| true);
+        h.defer_boot = Arc::new(|| Some(7));
         let r = h
             .answer(OcppVersion::V201, "BootNotification", &json!({}))
             .await
             .unwrap();
         assert_eq!(r["status"], "Pending");
-        assert_eq!(r["interval"], 60);
+        assert_eq!(r["interval"], 7, "the overload's own retry interval");
     }
 
     #[tokio::test]

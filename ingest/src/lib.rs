@@ -1,6 +1,8 @@
 //! The ingest tier: chargers connect here over OCPP-J WebSockets.
 //!
 //! # Layout
+//! - [`admission`]: admission control under saturation (accept pacing and
+//!   Pending boots, driven by the runtime's scheduling lag).
 //! - [`bench`]: the WAL benchmark behind `csms bench wal`.
 //! - [`config`]: the one configuration struct (defaults, TOML, environment).
 //! - [`server`]: TCP/TLS accept loop and the WebSocket upgrade (subprotocol,
@@ -22,6 +24,7 @@
 //! - [`openapi`]: the OpenAPI document of the HTTP API.
 //! - [`runtime`]: starting a node: WAL, lake writer, registries, listeners.
 
+pub mod admission;
 pub mod bench;
 pub mod config;
 pub mod handlers;

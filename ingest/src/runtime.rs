@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    admission::Admission,
     config::{Config, ConfigError},
     handlers::Handlers,
     http::{self, ApiState},
@@ -143,16 +144,25 @@ pub async fn start_with(
             .map_err(|e| component("status store")(&e))?,
         None => StatusStore::embedded(),
     };
-    let overload_wal = wal_handle.clone();
+    let admission = Admission::new(config.admission.clone());
+    let (overload_wal, overload_admission) = (wal_handle.clone(), admission.clone());
+    let pending_interval = config.ocpp.pending_interval_secs;
     let handlers = Handlers {
         ocpp: Arc::new(config.ocpp.clone()),
         tokens,
         txids,
-        overloaded: Arc::new(move || overload_wal.over_budget()),
+        defer_boot: Arc::new(move || {
+            if overload_wal.over_budget() {
+                Some(pending_interval)
+            } else {
+                overload_admission.defer_boot()
+            }
+        }),
     };
     let node = Arc::new(Node {
         versions: config.versions(),
         limiter: AddressLimiter::new(&config.limits),
+        admission: admission.clone(),
         config: config.clone(),
         node_id: node_id.clone(),
         catalog,
@@ -166,7 +176,7 @@ pub async fn start_with(
     });
 
     let shutdown = CancellationToken::new();
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(admission.run_probe(shutdown.clone()))];
     let reuse_port = config.worker_index.is_some();
     let bind = |what: &'static str, addr: SocketAddr| async move {
         bind_listener(addr, reuse_port).map_err(|source| StartError::Bind { what, addr, source })

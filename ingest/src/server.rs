@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    admission::Admission,
     config::Config,
     handlers::Handlers,
     limits::{AddressLimiter, record_limit},
@@ -47,6 +48,7 @@ pub struct Node {
     pub status: StatusStore,
     pub sessions: Sessions,
     pub limiter: AddressLimiter,
+    pub admission: Admission,
     pub connections: AtomicUsize,
     pub next_conn_id: AtomicU64,
 }
@@ -62,6 +64,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     loop {
+        // Paced while the node is saturated: a connection not yet accepted
+        // waits in the kernel's queue, where it costs the node nothing.
+        let wait = node.admission.admit_delay();
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -497,8 +508,9 @@ pub(crate) fn test_node(dir: &std::path::Path) -> (Arc<Node>, crate::wal::Wal) {
             ocpp: Arc::new(config.ocpp.clone()),
             tokens: IdTokenRegistry::open(dir, DefaultPolicy::AcceptAll).unwrap(),
             txids: TxIdAllocator::File(Arc::new(FileAllocator::open(dir).unwrap())),
-            overloaded: Arc::new(|| false),
+            defer_boot: Arc::new(|| None),
         },
+        admission: Admission::disabled(),
         wal: wal_handle,
         status: crate::status::StatusStore::embedded(),
         sessions: Default::default(),

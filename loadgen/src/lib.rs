@@ -355,6 +355,14 @@ impl fmt::Display for Report {
                 }
             }
         }
+        if !s.connect_latency.is_empty() {
+            // Not a CALL: the wait before the first one, where a server
+            // pacing its admissions makes stations queue.
+            rows.push((
+                "connect (TCP + upgrade) p50 / p99 / p99.999 / max".into(),
+                latency_line(&s.connect_latency),
+            ));
+        }
         if a.mode == Mode::Storm {
             rows.push((
                 "storm: re-Accepted".into(),

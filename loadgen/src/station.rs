@@ -218,8 +218,12 @@ impl Station {
             if self.phase() == Phase::Stop {
                 return;
             }
+            let started = Instant::now();
             let mut ws = match self.connect().await {
-                Ok(ws) => ws,
+                Ok(ws) => {
+                    self.stats.record_connect(started.elapsed());
+                    ws
+                }
                 Err(reason) => {
                     self.stats.record_connect_failure(&reason);
                     wait = Some(self.cfg.backoff.delay(attempt, &mut self.rng));

@@ -61,6 +61,9 @@ pub struct Stats {
     boot_latency: Mutex<Histogram<u64>>,
     /// When CALLs slower than [`SLOW_CALL`] were answered (unix seconds).
     slow_calls: Mutex<BTreeMap<u64, u64>>,
+    /// Successful connects: TCP connect plus WebSocket upgrade. Where a
+    /// server that paces admissions makes stations wait.
+    connect_latency: Mutex<Histogram<u64>>,
 }
 
 /// A CALL this slow is counted by the second it was answered in, so the
@@ -89,6 +92,7 @@ impl Default for Stats {
             latency: Mutex::new(new_histogram()),
             boot_latency: Mutex::new(new_histogram()),
             slow_calls: Mutex::new(BTreeMap::new()),
+            connect_latency: Mutex::new(new_histogram()),
         }
     }
 }
@@ -121,6 +125,16 @@ impl Stats {
                 .record(us)
                 .expect("value within bounds");
         }
+    }
+
+    /// Records how long a successful connect (TCP + upgrade) took.
+    pub fn record_connect(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
+        self.connect_latency
+            .lock()
+            .expect("connect latency lock")
+            .record(us)
+            .expect("value within bounds");
     }
 
     pub fn record_call_error(&self, code: &str) {
@@ -177,6 +191,11 @@ impl Stats {
                 .clone(),
             latency: hist,
             boot_latency: self.boot_latency.lock().expect("latency lock").clone(),
+            connect_latency: self
+                .connect_latency
+                .lock()
+                .expect("connect latency lock")
+                .clone(),
             slow_calls: self
                 .slow_calls
                 .lock()
@@ -232,6 +251,8 @@ pub struct Summary {
     pub latency: Histogram<u64>,
     #[serde(with = "histogram_b64")]
     pub boot_latency: Histogram<u64>,
+    #[serde(with = "histogram_b64")]
+    pub connect_latency: Histogram<u64>,
     /// CALLs slower than [`SLOW_CALL`] per unix second they were answered
     /// in, as pairs: worker lines are an internally tagged enum, through
     /// which serde cannot read integer map keys back.
@@ -270,6 +291,9 @@ impl Summary {
         self.latency.add(&o.latency).map_err(StatsError::Merge)?;
         self.boot_latency
             .add(&o.boot_latency)
+            .map_err(StatsError::Merge)?;
+        self.connect_latency
+            .add(&o.connect_latency)
             .map_err(StatsError::Merge)?;
         let mut slow: BTreeMap<u64, u64> = self.slow_calls.drain(..).collect();
         for (t, n) in &o.slow_calls {
@@ -340,6 +364,8 @@ mod tests {
         }
         b.record_latency(Duration::from_secs(2), true);
         b.answered.fetch_add(1, Relaxed);
+        a.record_connect(Duration::from_millis(3));
+        b.record_connect(Duration::from_millis(900));
         a.record_call_error("NotSupported");
         b.record_call_error("NotSupported");
         b.record_call_error("InternalError");
@@ -354,6 +380,8 @@ mod tests {
         sa.merge(&sb).unwrap();
         assert_eq!(sa.latency.len(), 100);
         assert_eq!(sa.boot_latency.len(), 1, "boots are also kept apart");
+        assert_eq!(sa.connect_latency.len(), 2, "connects merge too");
+        assert!(sa.connect_latency.max() >= 899_000);
         assert_eq!(
             sa.slow_calls.iter().map(|p| p.1).sum::<u64>(),
             1,

@@ -102,3 +102,32 @@ async fn token_policy_reject_unknown() -> Result<()> {
     );
     Ok(())
 }
+
+/// A saturated node answers boots Pending with its admission interval
+/// (`pending_lag_ms = 0`: any lag counts as saturated), and the station is
+/// Accepted once the node is calm again (here: once the setting is normal).
+#[tokio::test]
+async fn saturated_node_defers_boots_with_its_own_interval() -> Result<()> {
+    let server = TestServer::builder()
+        .station("ADM1", Some("pw"))
+        .env("CSMS_ADMISSION__PENDING_LAG_MS", "0")
+        .env("CSMS_ADMISSION__PENDING_MIN_SECS", "3")
+        .env("CSMS_ADMISSION__PENDING_MAX_SECS", "3")
+        .start()
+        .await;
+    let mut client = server
+        .connect("ADM1", "ocpp1.6", Some(("ADM1", "pw")))
+        .await?;
+    let answer = client
+        .call(
+            "boot-1",
+            "BootNotification",
+            json!({"chargePointVendor": "V", "chargePointModel": "M"}),
+        )
+        .await?;
+    ensure!(
+        answer[2]["status"] == "Pending" && answer[2]["interval"] == 3,
+        "expected Pending with the admission interval: {answer:?}"
+    );
+    Ok(())
+}
