@@ -61,10 +61,10 @@ fn slow_calls_line(slow: &[(u64, u64)], run_started_unix: u64) -> Option<String>
 }
 
 /// `p50 / p99 / p99.999 / max` of a histogram in ms, and its count.
-fn latency_line(h: &hdrhistogram::Histogram<u64>) -> String {
+fn latency_line(h: &hdrhistogram::Histogram<u64>, what: &str) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
     format!(
-        "{:.2} / {:.2} / {:.2} / {:.2} ms ({} CALLs)",
+        "{:.2} / {:.2} / {:.2} / {:.2} ms ({} {what})",
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.99)),
         ms(h.value_at_quantile(0.99999)),
@@ -349,7 +349,7 @@ impl fmt::Display for Report {
                     if !part.is_empty() {
                         rows.push((
                             format!("{name} latency p50 / p99 / p99.999 / max"),
-                            latency_line(part),
+                            latency_line(part, "CALLs"),
                         ));
                     }
                 }
@@ -360,7 +360,7 @@ impl fmt::Display for Report {
             // pacing its admissions makes stations queue.
             rows.push((
                 "connect (TCP + upgrade) p50 / p99 / p99.999 / max".into(),
-                latency_line(&s.connect_latency),
+                latency_line(&s.connect_latency, "connects"),
             ));
         }
         if a.mode == Mode::Storm {
