@@ -8,9 +8,12 @@
 //! second or immediately when a lookup misses.
 //!
 //! Password verification is deliberately slow (argon2id), so successful
-//! verifications are cached for a few minutes under a keyed hash of the
-//! password: a reconnect storm of a whole fleet then costs one hash lookup
-//! per station instead of one argon2 run.
+//! verifications are cached under a keyed hash of the password for as long
+//! as the station stays connected and ten minutes after: a reconnect storm
+//! of a whole fleet then costs one hash lookup per station instead of one
+//! argon2 run. The cache is per process: a station that reconnects to
+//! another process (another `--workers` worker, another node) pays one
+//! argon2 run there.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -743,6 +746,18 @@ impl StationRegistry {
         }
     }
 
+    /// Keeps the verification of a station that is still connected fresh.
+    /// Called for every connected station now and then, it makes a
+    /// verification last as long as the connection plus the cache's TTL:
+    /// a fleet that reconnects all at once (a power cut, a network outage)
+    /// is then let back in by cache hits, not one argon2 run per station,
+    /// however long its stations had been connected.
+    pub fn refresh_verified(&self, id: &str) {
+        if let Some(mut hit) = self.inner.cache.get_mut(id) {
+            hit.at = Instant::now();
+        }
+    }
+
     /// Drop expired verification-cache entries (call now and then).
     pub fn prune_cache(&self) {
         let now = Instant::now();
@@ -1105,6 +1120,12 @@ mod tests {
         reg.inner.cache.get_mut("CP-1").unwrap().at =
             Instant::now() - VERIFY_CACHE_TTL - Duration::from_secs(1);
         assert_eq!(reg.verify("CP-1", "forged"), AuthDecision::BadPassword);
+        // Refreshed (the station is still connected): valid again.
+        reg.refresh_verified("CP-1");
+        assert_eq!(reg.verify("CP-1", "forged"), AuthDecision::Accepted);
+        reg.inner.cache.get_mut("CP-1").unwrap().at =
+            Instant::now() - VERIFY_CACHE_TTL - Duration::from_secs(1);
+        reg.refresh_verified("CP-9");
         reg.prune_cache();
         assert!(reg.inner.cache.is_empty());
     }

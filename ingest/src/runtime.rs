@@ -256,13 +256,19 @@ pub async fn start_with(
         }
     }));
 
-    // Forget idle per-address limiter entries now and then.
+    // Now and then: forget idle per-address limiter entries, keep the
+    // password verifications of connected stations fresh (see
+    // `StationRegistry::refresh_verified`) and drop expired ones.
     let prune_node = node.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tick.tick().await;
             prune_node.limiter.prune(std::time::Instant::now());
+            for session in prune_node.sessions.iter() {
+                prune_node.stations.refresh_verified(session.key());
+            }
+            prune_node.stations.prune_cache();
         }
     }));
 
