@@ -7,7 +7,7 @@
 # latency percentiles, server RSS summed over the workers (per connection
 # when all were connected and at the end of the run) and redis-server RSS.
 #
-#   bench/100k.sh [--debug] [--no-build] [--stations N] [--duration SECS]
+#   bench/100k.sh [--debug] [--no-build] [--auth] [--no-verify] [--stations N] [--duration SECS]
 #                 [--workers W] [--storm] [-- extra loadgen args]
 #
 # Default: `schedule` mode, the steady state of a real fleet: a heartbeat
@@ -28,7 +28,7 @@ PASS=()
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --debug|--no-build) PASS+=("$1") ;;
+    --debug|--no-build|--auth|--no-verify) PASS+=("$1") ;;
     --stations) STATIONS=$2; shift ;;
     --duration) DURATION=$2; shift ;;
     --workers) WORKERS=$2; shift ;;

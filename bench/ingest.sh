@@ -10,7 +10,10 @@
 # server RSS is then summed over the supervisor and its W workers, and the
 # redis-server's RSS is printed after the table. --redis uses a throw-away
 # redis-server (live status, presence, transaction ids) with one worker too;
-# without either the node keeps its status embedded.
+# without either the node keeps its status embedded. --auth registers every
+# station with a password of its own (`csms loadgen --credentials-out`, then
+# `csms stations import`: one argon2id hash each, timed) and the server
+# authenticates them; without it the server accepts unknown stations.
 #
 # MODE is sustained (default, with --rate), saturation, storm or schedule.
 # After the run the server is stopped (its lake writer flushes) and every
@@ -34,6 +37,7 @@ DURATION=30
 PROCESSES=
 WORKERS=1
 REDIS=0
+AUTH=0
 VERIFY=1
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -42,13 +46,14 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --no-verify) VERIFY=0 ;;
     --redis) REDIS=1 ;;
+    --auth) AUTH=1 ;;
     --stations) STATIONS=$2; shift ;;
     --mode) MODE=$2; shift ;;
     --duration) DURATION=$2; shift ;;
     --processes) PROCESSES=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -130,12 +135,24 @@ if [ "$REDIS" = 1 ]; then
   REDIS_ENV=(REDIS_URL=redis://127.0.0.1:$REDIS_PORT)
 fi
 
+ALLOW_UNKNOWN=true
+AUTH_ARGS=()
+if [ "$AUTH" = 1 ]; then
+  # Each station its own password; registered before the server starts.
+  PASSWORD='bench-{id}-7c1e9a40d2'
+  "${LOADGEN[@]}" --stations "$STATIONS" --password "$PASSWORD" --credentials-out "$WORK/fleet.csv" >/dev/null
+  echo "registering $STATIONS stations (one argon2id hash each)..." >&2
+  CSMS_DATA_DIR="$WORK/data" "$CSMS" stations import "$WORK/fleet.csv" >&2
+  ALLOW_UNKNOWN=false
+  AUTH_ARGS=(--password "$PASSWORD")
+fi
+
 # Limits raised for a load test: no per-station message rate, no per-address
 # upgrade rate (every simulated station shares a few source addresses).
 env "${REDIS_ENV[@]}" \
   CSMS_OCPP_ADDR=127.0.0.1:$OCPP_PORT CSMS_HTTP_ADDR=127.0.0.1:$HTTP_PORT \
   CSMS_PG_ADDR=127.0.0.1:$PG_PORT CSMS_DATA_DIR="$WORK/data" \
-  CSMS_ALLOW_UNKNOWN=true \
+  CSMS_ALLOW_UNKNOWN=$ALLOW_UNKNOWN \
   CSMS_LIMITS__MESSAGES_PER_STATION_PER_SEC=0 \
   CSMS_LIMITS__UPGRADES_PER_IP_PER_SEC=0 \
   CSMS_LIMITS__MAX_CONNECTIONS=$MAX_CONN \
@@ -162,13 +179,14 @@ if [ "$WORKERS" -gt 1 ]; then
 fi
 
 STATUS_STORE=embedded; [ "$REDIS" = 1 ] && STATUS_STORE=redis
-echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
+AUTH_NOTE="unknown stations allowed"; [ "$AUTH" = 1 ] && AUTH_NOTE="Basic auth, a password per station"
+echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $AUTH_NOTE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
 # Hard time bound: connect phase + run + slack.
 timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \
   --stations "$STATIONS" --mode "$MODE" --duration-secs "$DURATION" \
   --processes "$PROCESSES" --source-ips "$SOURCE_IPS" \
-  --server-pid "$SERVER_PID" --acks-out "$WORK/acks" "${EXTRA[@]}"
+  --server-pid "$SERVER_PID" --acks-out "$WORK/acks" "${AUTH_ARGS[@]}" "${EXTRA[@]}"
 if [ -f "$WORK/redis.pid" ]; then
   echo "| redis-server RSS after the run | $(awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/redis.pid")/status") KiB"
 fi

@@ -179,6 +179,13 @@ enum StationsCmd {
         #[arg(long)]
         password: Option<String>,
     },
+    /// Register many stations from a CSV file of `id,password` lines (an
+    /// empty password: certificate only; `#` comments and an `id,password`
+    /// header are skipped). Hashes on every core and writes the registry
+    /// once.
+    Import {
+        file: PathBuf,
+    },
     List,
     Remove {
         id: String,
@@ -439,6 +446,14 @@ async fn run(
         Command::Workflows(cmd) => workflows_cli::command(cmd, &config, &settings).await,
         Command::Simulate(args) => simulate(&config, args).await,
         Command::Loadgen(args) => {
+            if let Some(path) = &args.credentials_out {
+                let n = loadgen::write_credentials(&args, path)?;
+                println!(
+                    "{n} stations' credentials written to {} (register them with `csms stations import`)",
+                    path.display()
+                );
+                return Ok(());
+            }
             print!("{}", loadgen::run(args).await?);
             Ok(())
         }
@@ -493,6 +508,29 @@ fn stations(cmd: StationsCmd, config: &Config) -> Result<()> {
                 }
             );
         }
+        StationsCmd::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let batch =
+                parse_station_csv(&text).with_context(|| format!("in {}", file.display()))?;
+            let started = std::time::Instant::now();
+            let bar = indicatif::ProgressBar::new(batch.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "hashing passwords [{bar:40}] {human_pos}/{human_len}, {per_sec}, eta {eta}",
+                )
+                .expect("static template"),
+            );
+            let added = reg.add_many(&batch, |n| bar.set_position(n as u64))?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{} stations imported ({added} new, {} updated, {} with a password) in {secs:.1} s",
+                batch.len(),
+                batch.len() - added,
+                batch.iter().filter(|(_, pw)| pw.is_some()).count(),
+            );
+        }
         StationsCmd::List => {
             println!("{:<40} {:<10} created", "id", "password");
             for s in reg.list() {
@@ -516,6 +554,31 @@ fn stations(cmd: StationsCmd, config: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `id,password` lines; see [`StationsCmd::Import`].
+fn parse_station_csv(text: &str) -> Result<Vec<(String, Option<String>)>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with('#') || (n == 0 && line == "id,password") {
+            continue;
+        }
+        let Some((id, password)) = line.split_once(',') else {
+            bail!("line {}: expected `id,password`, got {line:?}", n + 1);
+        };
+        if id.is_empty() {
+            bail!("line {}: the station id is empty", n + 1);
+        }
+        out.push((
+            id.to_string(),
+            (!password.is_empty()).then(|| password.to_string()),
+        ));
+    }
+    if out.is_empty() {
+        bail!("no stations: expected `id,password` lines");
+    }
+    Ok(out)
 }
 
 fn tokens(cmd: TokensCmd, config: &Config) -> Result<()> {

@@ -116,9 +116,16 @@ pub struct LoadgenArgs {
     /// Station ids are this prefix plus a six-digit index.
     #[arg(long, default_value = "LG")]
     pub id_prefix: String,
-    /// Basic-auth password of every station (none: no Authorization header).
+    /// Basic-auth password of every station (none: no Authorization
+    /// header); `{id}` in it is replaced by the station's id, so that each
+    /// station has its own, e.g. `--password 'secret-{id}'`.
     #[arg(long, env = "LOADGEN_PASSWORD")]
     pub password: Option<String>,
+    /// Write `id,password` for every station (the `csms stations import`
+    /// format) to this file and exit without connecting: registers the
+    /// simulated fleet on a server that authenticates its stations.
+    #[arg(long)]
+    pub credentials_out: Option<std::path::PathBuf>,
     #[arg(long, value_enum, default_value_t = Mode::Sustained)]
     pub mode: Mode,
     /// Total CALLs per second across all stations (sustained mode).
@@ -492,6 +499,22 @@ fn child_pids(pid: u32) -> Vec<u32> {
 fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Writes the fleet's credentials for `--credentials-out` (`id,password`
+/// lines); returns how many stations it wrote.
+pub fn write_credentials(args: &LoadgenArgs, path: &std::path::Path) -> Result<usize> {
+    let Some(template) = &args.password else {
+        bail!("--credentials-out needs --password (a template such as 'secret-{{id}}')");
+    };
+    let mut out = String::from("id,password\n");
+    for index in 0..args.stations {
+        let id = station::station_id(&args.id_prefix, index);
+        let pw = station::station_password(template, &id);
+        out.push_str(&format!("{id},{pw}\n"));
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+    Ok(args.stations)
 }
 
 /// Runs the load generator: as the parent (spawning workers when

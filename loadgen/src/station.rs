@@ -72,6 +72,12 @@ pub fn station_id(prefix: &str, index: usize) -> String {
     format!("{prefix}{index:06}")
 }
 
+/// A station's password: the `--password` template with `{id}` replaced by
+/// the station's id, so that every station can have its own.
+pub fn station_password(template: &str, id: &str) -> String {
+    template.replace("{id}", id)
+}
+
 /// Whether station `index` speaks 2.0.1, spreading `ratio_201` evenly over
 /// the indexes (exactly `floor(n * ratio)` of the first `n`).
 pub fn is_v201(index: usize, ratio_201: f64) -> bool {
@@ -296,6 +302,7 @@ impl Station {
             HeaderValue::from_static(self.version.subprotocol()),
         );
         if let Some(pw) = &self.cfg.password {
+            let pw = station_password(pw, &self.id);
             let token =
                 base64::engine::general_purpose::STANDARD.encode(format!("{}:{pw}", self.id));
             let value = HeaderValue::from_str(&format!("Basic {token}"))

@@ -32,7 +32,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_server() -> Server {
+/// `authenticate`: stations must be registered (no `CSMS_ALLOW_UNKNOWN`).
+async fn start_server(authenticate: bool) -> Server {
     let bin = std::env::var_os("CSMS_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root/.cache/csms-target/debug/csms"));
@@ -56,7 +57,7 @@ async fn start_server() -> Server {
         .env("CSMS_HTTP_ADDR", http.to_string())
         .env("CSMS_PG_ADDR", pg.to_string())
         .env("CSMS_DATA_DIR", dir.join("data"))
-        .env("CSMS_ALLOW_UNKNOWN", "true")
+        .env("CSMS_ALLOW_UNKNOWN", (!authenticate).to_string())
         // Saturation sends far more than a real charger; lift the per-station limit.
         .env("CSMS_LIMITS__MESSAGES_PER_STATION_PER_SEC", "0")
         .current_dir(&dir)
@@ -98,7 +99,7 @@ struct Cli {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturation_against_csms_serve() {
-    let server = start_server().await;
+    let server = start_server(false).await;
     let url = format!("ws://{}/ocpp", server.ocpp);
     let pid = server.child.id().to_string();
     let cli = Cli::parse_from([
@@ -136,4 +137,80 @@ async fn saturation_against_csms_serve() {
     assert_eq!(s.latency.len(), s.progress.answered);
     assert!(report.rss_connected_kib.is_some(), "{table}");
     assert!(table.contains("p99.999"), "{table}");
+}
+
+/// Every station with its own password: the fleet's credentials are written
+/// by the load generator, registered with `csms stations import`, and only
+/// the right template gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stations_with_their_own_passwords() {
+    let server = start_server(true).await;
+    let url = format!("ws://{}/ocpp", server.ocpp);
+    let args = |password: &str| {
+        Cli::parse_from([
+            "loadgen",
+            "--url",
+            &url,
+            "--stations",
+            "6",
+            "--mode",
+            "sustained",
+            "--rate",
+            "20",
+            "--duration-secs",
+            "2",
+            "--source-ips",
+            "0",
+            "--id-prefix",
+            "AUTH",
+            "--password",
+            password,
+            "--connect-timeout-secs",
+            "20",
+        ])
+        .args
+    };
+    let csv = server.dir.join("fleet.csv");
+    assert_eq!(
+        loadgen::write_credentials(&args("s3cret-{id}-pw"), &csv).unwrap(),
+        6
+    );
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.contains("AUTH000003,s3cret-AUTH000003-pw\n"), "{text}");
+    let bin = std::env::var_os("CSMS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root/.cache/csms-target/debug/csms"));
+    let out = Command::new(bin)
+        .args(["stations", "import"])
+        .arg(&csv)
+        .env("CSMS_DATA_DIR", server.dir.join("data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let report = loadgen::run(args("s3cret-{id}-pw"))
+        .await
+        .expect("loadgen run");
+    let table = report.to_string();
+    assert_eq!(report.summary.boot_accepted, 6, "{table}");
+    assert_eq!(report.summary.connect_failures, 0, "{table}");
+
+    // The same password for all (the template without `{id}`) is refused.
+    let mut wrong = args("s3cret-AUTH000000-pw");
+    wrong.stations = 2;
+    wrong.duration_secs = 1;
+    wrong.connect_timeout_secs = 2;
+    let report = loadgen::run(wrong).await;
+    let (failures, shown) = match &report {
+        Ok(r) => (
+            r.summary
+                .connect_errors
+                .get("HTTP 401")
+                .copied()
+                .unwrap_or(0),
+            r.to_string(),
+        ),
+        Err(e) => (1, format!("{e:#}")),
+    };
+    assert!(failures > 0, "station 1 must be refused: {shown}");
 }

@@ -197,3 +197,40 @@ async fn cli_registration_applies_to_running_server() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn bulk_import_registers_a_fleet() -> Result<()> {
+    let server = TestServer::start().await;
+    let csv = server.data_dir().join("fleet.csv");
+    std::fs::write(
+        &csv,
+        "id,password\n# onboarding batch 1\nFLEET-1,pw-one-1234567890\nFLEET-2,pw-two-1234567890\nFLEET-3,\n",
+    )?;
+    let out = server.cli_ok(&["stations", "import", csv.to_str().unwrap()]);
+    assert!(
+        out.contains("3 stations imported (3 new, 0 updated, 2 with a password)"),
+        "{out}"
+    );
+    let mut client = server
+        .connect(
+            "FLEET-2",
+            "ocpp2.0.1",
+            Some(("FLEET-2", "pw-two-1234567890")),
+        )
+        .await?;
+    client.heartbeat_ok("hb-fleet").await?;
+    let url = server.ocpp_url("FLEET-1");
+    assert_eq!(
+        refused(&url, &["ocpp2.0.1"], Some(("FLEET-1", "pw-two-1234567890"))).await?,
+        401,
+        "another station's password"
+    );
+
+    // A malformed file names the line and registers nothing.
+    std::fs::write(&csv, "FLEET-4,pw-4\nFLEET-5\n")?;
+    let out = server.cli(&["stations", "import", csv.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 2"), "{err}");
+    assert!(!server.cli_ok(&["stations", "list"]).contains("FLEET-4"));
+    Ok(())
+}
