@@ -46,7 +46,8 @@ pub struct AdmissionConfig {
     /// admission control off (connections are accepted as fast as they come,
     /// boots are Pending only when the WAL is over its disk budget).
     pub lag_target_ms: u64,
-    /// Scheduling lag above which BootNotification is answered Pending.
+    /// Scheduling lag above which BootNotification is answered Pending
+    /// (`0`: every boot while admission control is on; for tests).
     pub pending_lag_ms: u64,
     /// How often the probe measures the lag.
     pub probe_interval_ms: u64,
