@@ -64,12 +64,12 @@ pub struct AdmissionConfig {
 impl Default for AdmissionConfig {
     fn default() -> Self {
         AdmissionConfig {
-            lag_target_ms: 50,
+            lag_target_ms: 100,
             pending_lag_ms: 200,
             probe_interval_ms: 10,
             min_accepts_per_sec: 50.0,
-            pending_min_secs: 2,
-            pending_max_secs: 8,
+            pending_min_secs: 1,
+            pending_max_secs: 3,
         }
     }
 }
@@ -274,11 +274,11 @@ mod tests {
             a.observe(ms(1), ms(10));
         }
         // ... then the lag goes over target, in a window with no admission.
-        a.observe(ms(80), ms(10));
+        a.observe(ms(150), ms(10));
         let r = a.rate();
         assert!((2_200.0..=2_700.0).contains(&r), "rate {r}");
         for _ in 0..200 {
-            a.observe(ms(80), ms(10));
+            a.observe(ms(150), ms(10));
         }
         assert_eq!(a.rate(), AdmissionConfig::default().min_accepts_per_sec);
     }
@@ -304,7 +304,7 @@ mod tests {
     fn rate_recovers_to_unlimited_when_the_lag_falls() {
         let a = Admission::new(AdmissionConfig::default());
         for _ in 0..100 {
-            a.observe(ms(100), ms(10));
+            a.observe(ms(150), ms(10));
         }
         assert!(a.rate().is_finite());
         // The smoothed lag decays first, then the rate climbs back.
@@ -317,7 +317,7 @@ mod tests {
     #[test]
     fn boots_are_deferred_only_over_the_pending_lag_with_a_spread_interval() {
         let a = Admission::new(AdmissionConfig::default());
-        a.observe(ms(100), ms(10));
+        a.observe(ms(150), ms(10));
         assert_eq!(
             a.defer_boot(),
             None,
@@ -326,7 +326,7 @@ mod tests {
         a.observe(ms(300), ms(10));
         let intervals: Vec<u32> = (0..200).filter_map(|_| a.defer_boot()).collect();
         assert_eq!(intervals.len(), 200);
-        assert!(intervals.iter().all(|i| (2..=8).contains(i)));
+        assert!(intervals.iter().all(|i| (1..=3).contains(i)));
         assert!(intervals.iter().any(|i| *i != intervals[0]), "spread");
     }
 
