@@ -706,23 +706,8 @@ impl StationRegistry {
     /// Register `id`, or replace its password if it exists (`None` removes
     /// the password: mTLS only). Hashes with argon2: blocking.
     pub fn add(&self, id: &str, password: Option<&str>) -> Result<(), RegistryError> {
-        validate_station_id(id)?;
-        // Hash outside the file lock: it takes tens of milliseconds.
-        let hash = password.map(hash_password).transpose()?;
-        self.inner.file.update(|doc| {
-            let now = Utc::now();
-            doc.stations
-                .entry(id.to_string())
-                .and_modify(|s| s.password_hash = hash.clone())
-                .or_insert_with(|| StoredStation {
-                    password_hash: hash.clone(),
-                    created_at: now,
-                    allowed_versions: None,
-                });
-            Ok(((), true))
-        })?;
-        self.inner.cache.remove(id);
-        Ok(())
+        self.add_many(&[(id.to_string(), password.map(str::to_string))], |_| {})
+            .map(|_| ())
     }
 
     /// Register many stations at once (a fleet's onboarding): the passwords
@@ -765,6 +750,7 @@ impl StationRegistry {
                 .collect::<Result<Vec<Vec<_>>, _>>()
                 .map(|v| v.into_iter().flatten().collect())
         })?;
+        // Hashed before taking the file lock: tens of milliseconds each.
         let added = self.inner.file.update(|doc| {
             let now = Utc::now();
             let mut added = 0;

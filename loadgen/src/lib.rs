@@ -950,9 +950,7 @@ impl Fleet {
         let _ = ready.send(connect_secs);
         let before = self.stats.progress().answered;
         let run_start = Instant::now();
-        let run_started_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.as_secs());
+        let run_started_unix = stats::unix_secs();
         let _ = phase_tx.send(Phase::Running);
         let limit = Duration::from_secs(self.args.duration_secs);
         if self.args.mode == Mode::Storm {

@@ -32,6 +32,22 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("static histogram bounds are valid")
 }
 
+/// Now, in whole seconds since 1970.
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_secs())
+}
+
+/// Records `d` into a shared histogram (clamped to its bounds).
+fn record(h: &Mutex<Histogram<u64>>, d: Duration) {
+    let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
+    h.lock()
+        .expect("histogram lock")
+        .record(us)
+        .expect("value within bounds");
+}
+
 /// Live counters shared by every station task of one process.
 pub struct Stats {
     /// Sockets open now.
@@ -101,40 +117,23 @@ impl Stats {
     /// Records one CALL's latency (`boot`: it was a BootNotification, also
     /// kept apart, so the table can tell connect-time from steady-state tails).
     pub fn record_latency(&self, d: Duration, boot: bool) {
-        let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
-        self.latency
-            .lock()
-            .expect("latency lock")
-            .record(us)
-            .expect("value within bounds");
+        record(&self.latency, d);
         if d >= SLOW_CALL {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |t| t.as_secs());
             *self
                 .slow_calls
                 .lock()
                 .expect("slow calls lock")
-                .entry(now)
+                .entry(unix_secs())
                 .or_default() += 1;
         }
         if boot {
-            self.boot_latency
-                .lock()
-                .expect("latency lock")
-                .record(us)
-                .expect("value within bounds");
+            record(&self.boot_latency, d);
         }
     }
 
     /// Records how long a successful connect (TCP + upgrade) took.
     pub fn record_connect(&self, d: Duration) {
-        let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
-        self.connect_latency
-            .lock()
-            .expect("connect latency lock")
-            .record(us)
-            .expect("value within bounds");
+        record(&self.connect_latency, d);
     }
 
     pub fn record_call_error(&self, code: &str) {
