@@ -695,7 +695,8 @@ async fn run_pipeline(
 }
 
 /// `csms serve --workers N`: N copies of this command, each a node with its own
-/// WAL and node id, sharing the ports, the data directory and Redis. A worker
+/// WAL and node id, sharing the ports, the data directory, Redis and the
+/// secret under which they share password verifications. A worker
 /// that dies is restarted; SIGINT/SIGTERM stop them all gracefully.
 async fn run_workers(n: u32, config: &Config) -> Result<()> {
     if config.redis_url.is_none() {
@@ -720,11 +721,18 @@ async fn run_workers(n: u32, config: &Config) -> Result<()> {
             _ => args.push(a),
         }
     }
+    // Workers share password verifications under a secret of the fleet's,
+    // or, without one, a secret made up for this run.
+    let secret = config
+        .verification_secret
+        .clone()
+        .unwrap_or_else(ingest::shared_auth::random_secret);
     let spawn = |i: u32| {
         tokio::process::Command::new(&exe)
             .args(&args)
             .env("CSMS_WORKER_INDEX", i.to_string())
             .env("CSMS_NODE_ID", format!("{base}-w{i}"))
+            .env("CSMS_VERIFICATION_SECRET", &secret)
             .spawn()
             .with_context(|| format!("starting worker {i}"))
     };

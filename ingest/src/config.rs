@@ -98,6 +98,11 @@ pub struct Config {
     pub node_id: Option<String>,
     pub smtp_url: Option<String>,
     pub admin_token: Option<String>,
+    /// A secret shared by every node of the fleet, under which they share
+    /// password verifications through Redis (`shared_auth`); unset: none
+    /// shared, except between the workers of `csms serve --workers`, which
+    /// get one made up for the run.
+    pub verification_secret: Option<String>,
     /// Accept stations that are not registered, without authentication.
     pub allow_unknown: bool,
     /// Set by `csms serve --workers N` in each worker process (0..N).
@@ -126,6 +131,7 @@ impl Default for Config {
             node_id: None,
             smtp_url: None,
             admin_token: None,
+            verification_secret: None,
             allow_unknown: false,
             worker_index: None,
             ocpp: OcppConfig::default(),
@@ -151,6 +157,7 @@ const NAMED_ENV: &[(&str, &[&str])] = &[
     ("CSMS_NODE_ID", &["node_id"]),
     ("SMTP_URL", &["smtp_url"]),
     ("CSMS_ADMIN_TOKEN", &["admin_token"]),
+    ("CSMS_VERIFICATION_SECRET", &["verification_secret"]),
     ("CSMS_TLS_CERT", &["tls", "cert_path"]),
     ("CSMS_TLS_KEY", &["tls", "key_path"]),
     ("CSMS_TLS_CLIENT_CA", &["tls", "client_ca_path"]),
@@ -207,6 +214,19 @@ impl Config {
             ));
         }
         self.admission.validate().map_err(ConfigError::Invalid)?;
+        if let Some(secret) = &self.verification_secret
+            && secret.len() < crate::shared_auth::MIN_SECRET_LEN
+        {
+            return Err(ConfigError::Invalid(format!(
+                "verification_secret (CSMS_VERIFICATION_SECRET) needs at least {} characters",
+                crate::shared_auth::MIN_SECRET_LEN
+            )));
+        }
+        if self.status.verification_ttl_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "status.verification_ttl_secs must be greater than zero".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -430,6 +450,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("admission.pending_min_secs"), "{e}");
+        let e = Config::load_from(None, env(&[("CSMS_VERIFICATION_SECRET", "short")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CSMS_VERIFICATION_SECRET"), "{e}");
+        let e = Config::load_from(None, env(&[("CSMS_STATUS__VERIFICATION_TTL_SECS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status.verification_ttl_secs"), "{e}");
+        let c = Config::load_from(
+            None,
+            env(&[("CSMS_VERIFICATION_SECRET", "a fleet secret 0123456789")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.verification_secret.as_deref(),
+            Some("a fleet secret 0123456789")
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   answer; CSMS-initiated CALLs with timeouts; ping/pong liveness.
 //! - [`handlers`]: the CSMS's answer to every charger-initiated action.
 //! - [`registry`]: stations (argon2id password hashes) and id tokens.
+//! - [`shared_auth`]: password verifications shared by the nodes through
+//!   Redis, so a reconnect to another node costs no argon2 run.
 //! - [`tls`]: rustls server configuration and station identity from client
 //!   certificates (security profile 3).
 //! - [`limits`]: per-address and per-station rate limits and auth slow-down.
@@ -38,6 +40,7 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod shared_auth;
 pub mod status;
 /// Test support for this and other crates: a throwaway redis-server.
 #[doc(hidden)]

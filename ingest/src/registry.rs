@@ -11,8 +11,9 @@
 //! verifications are cached under a keyed hash of the password for as long
 //! as the station stays connected and ten minutes after: a reconnect storm
 //! of a whole fleet then costs one hash lookup per station instead of one
-//! argon2 run. The cache is per process: a station that reconnects to
-//! another process (another `--workers` worker, another node) pays one
+//! argon2 run. That cache is per process; `crate::shared_auth` shares
+//! verifications between the processes of a fleet through Redis, so a
+//! station that reconnects to another worker or node does not pay one
 //! argon2 run there.
 
 use std::collections::BTreeMap;
@@ -608,6 +609,19 @@ pub enum AuthDecision {
     NoPasswordSet,
 }
 
+/// What [`StationRegistry::lookup`] could tell without argon2.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Settled by the registry or this process's cache.
+    Decided(AuthDecision),
+    /// The station has a password hash and no cached verification matches:
+    /// the password must be checked against `phc`.
+    Uncached {
+        /// The stored PHC string (argon2id hash with its salt).
+        phc: String,
+    },
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredStation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -838,11 +852,22 @@ impl StationRegistry {
     /// Check `password` for station `id`. Blocking (argon2, tens of ms on a
     /// cache miss): call from `tokio::task::spawn_blocking`.
     pub fn verify(&self, id: &str, password: &str) -> AuthDecision {
+        match self.lookup(id, password) {
+            Lookup::Decided(decision) => decision,
+            Lookup::Uncached { phc } => self.verify_hash(id, password, phc),
+        }
+    }
+
+    /// The cheap part of [`Self::verify`]: the registry and this process's
+    /// cache of verifications, no argon2. Lets a caller try a cache shared
+    /// with other processes (see `crate::shared_auth`) before paying for
+    /// [`Self::verify_hash`].
+    pub fn lookup(&self, id: &str, password: &str) -> Lookup {
         let Some(rec) = self.get(id) else {
-            return AuthDecision::UnknownStation;
+            return Lookup::Decided(AuthDecision::UnknownStation);
         };
         let Some(phc) = rec.password_hash else {
-            return AuthDecision::NoPasswordSet;
+            return Lookup::Decided(AuthDecision::NoPasswordSet);
         };
         let tag = self.inner.keys.tag(id, password);
         let now = Instant::now();
@@ -851,22 +876,21 @@ impl StationRegistry {
             && hit.phc == phc
             && now.saturating_duration_since(hit.at) < self.inner.cache_ttl
         {
-            return AuthDecision::Accepted;
+            return Lookup::Decided(AuthDecision::Accepted);
         }
+        Lookup::Uncached { phc }
+    }
+
+    /// Checks `password` against the stored hash `phc` (from
+    /// [`Self::lookup`]) with argon2 and caches a success. Blocking.
+    pub fn verify_hash(&self, id: &str, password: &str, phc: String) -> AuthDecision {
         let outcome = {
             let mut permit = hash_permits().acquire();
             verify_argon2(&mut permit.memory, password.as_bytes(), &phc)
         };
         match outcome {
             Ok(()) => {
-                self.inner.cache.insert(
-                    id.to_string(),
-                    CachedOk {
-                        tag,
-                        phc,
-                        at: Instant::now(),
-                    },
-                );
+                self.remember_verified(id, password, phc);
                 AuthDecision::Accepted
             }
             Err(password_hash::Error::PasswordInvalid) => AuthDecision::BadPassword,
@@ -875,6 +899,20 @@ impl StationRegistry {
                 AuthDecision::BadPassword
             }
         }
+    }
+
+    /// Caches a verification of `password` against `phc` made elsewhere
+    /// (another process's, found in a shared cache), so that the next
+    /// connection of this station is a [`Self::lookup`] hit.
+    pub fn remember_verified(&self, id: &str, password: &str, phc: String) {
+        self.inner.cache.insert(
+            id.to_string(),
+            CachedOk {
+                tag: self.inner.keys.tag(id, password),
+                phc,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// Keeps the verification of a station that is still connected fresh.

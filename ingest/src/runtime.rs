@@ -24,6 +24,7 @@ use crate::{
     limits::AddressLimiter,
     registry::{DefaultPolicy, IdTokenRegistry, StationRegistry},
     server::{self, Node},
+    shared_auth::SharedAuth,
     status::StatusStore,
     txid::{FileAllocator, TxIdAllocator},
     wal::Wal,
@@ -144,6 +145,12 @@ pub async fn start_with(
             .map_err(|e| component("status store")(&e))?,
         None => StatusStore::embedded(),
     };
+    let shared_auth = SharedAuth::new(
+        config.verification_secret.as_deref(),
+        &status,
+        std::time::Duration::from_secs(config.status.verification_ttl_secs),
+    )
+    .map(Arc::new);
     let admission = Admission::new(config.admission.clone());
     let (overload_wal, overload_admission) = (wal_handle.clone(), admission.clone());
     let pending_interval = config.ocpp.pending_interval_secs;
@@ -167,6 +174,7 @@ pub async fn start_with(
         node_id: node_id.clone(),
         catalog,
         stations,
+        shared_auth,
         handlers,
         wal: wal_handle,
         status,
@@ -258,7 +266,8 @@ pub async fn start_with(
 
     // Now and then: forget idle per-address limiter entries, keep the
     // password verifications of connected stations fresh (see
-    // `StationRegistry::refresh_verified`) and drop expired ones.
+    // `StationRegistry::refresh_verified`) and drop expired ones, and keep
+    // their verifications shared with other nodes alive.
     let prune_node = node.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
@@ -269,6 +278,16 @@ pub async fn start_with(
                 prune_node.stations.refresh_verified(session.key());
             }
             prune_node.stations.prune_cache();
+            if let Some(shared) = &prune_node.shared_auth
+                && shared.refresh_due(std::time::Instant::now())
+            {
+                let held: Vec<String> = prune_node
+                    .sessions
+                    .iter()
+                    .map(|s| s.key().clone())
+                    .collect();
+                shared.refresh(&held).await;
+            }
         }
     }));
 

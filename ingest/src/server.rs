@@ -29,8 +29,9 @@ use crate::{
     config::Config,
     handlers::Handlers,
     limits::{AddressLimiter, record_limit},
-    registry::{AuthDecision, StationRegistry, validate_station_id},
+    registry::{AuthDecision, Lookup, StationRegistry, validate_station_id},
     session::{self, Sessions},
+    shared_auth::SharedAuth,
     status::StatusStore,
     wal::WalHandle,
     ws::WsConn,
@@ -43,6 +44,8 @@ pub struct Node {
     pub catalog: &'static Catalog,
     pub versions: Vec<OcppVersion>,
     pub stations: StationRegistry,
+    /// Verifications shared with the other nodes (Redis and a secret set).
+    pub shared_auth: Option<Arc<SharedAuth>>,
     pub handlers: Handlers,
     pub wal: WalHandle,
     pub status: StatusStore,
@@ -406,11 +409,9 @@ async fn authenticate(
         record_limit("auth_delay");
         tokio::time::sleep(delay).await;
     }
-    let registry = node.stations.clone();
-    let id = station.to_string();
-    let decision = tokio::task::spawn_blocking(move || registry.verify(&id, &password))
+    let decision = check_password(node, station, password)
         .await
-        .map_err(|_| refuse(500, "authentication failed internally"))?;
+        .ok_or_else(|| refuse(500, "authentication failed internally"))?;
     match decision {
         AuthDecision::Accepted => {
             node.limiter.record_auth_success(ip);
@@ -425,6 +426,45 @@ async fn authenticate(
         AuthDecision::UnknownStation => Err(fail(node, ip, "unknown station").await),
         AuthDecision::BadPassword => Err(fail(node, ip, "wrong password").await),
     }
+}
+
+/// The registry and this process's cache first, then the verifications
+/// the other nodes shared, and argon2 only when neither knows the password.
+/// None when the argon2 task failed.
+async fn check_password(node: &Node, station: &str, password: String) -> Option<AuthDecision> {
+    let count = |via: &'static str| {
+        metrics::counter!("csms_auth_verifications_total", "via" => via).increment(1);
+    };
+    let phc = match node.stations.lookup(station, &password) {
+        Lookup::Decided(decision) => {
+            if decision == AuthDecision::Accepted {
+                count("cache");
+            }
+            return Some(decision);
+        }
+        Lookup::Uncached { phc } => phc,
+    };
+    let shared = node.shared_auth.clone();
+    let tag = shared.as_ref().map(|s| s.tag(station, &phc, &password));
+    if let (Some(shared), Some(tag)) = (&shared, &tag)
+        && shared.verified_elsewhere(station, tag).await
+    {
+        node.stations.remember_verified(station, &password, phc);
+        count("shared");
+        return Some(AuthDecision::Accepted);
+    }
+    let registry = node.stations.clone();
+    let id = station.to_string();
+    let decision = tokio::task::spawn_blocking(move || registry.verify_hash(&id, &password, phc))
+        .await
+        .ok()?;
+    if decision == AuthDecision::Accepted {
+        count("argon2");
+        if let (Some(shared), Some(tag)) = (shared, tag) {
+            shared.share(station, tag);
+        }
+    }
+    Some(decision)
 }
 
 async fn fail(node: &Node, ip: IpAddr, why: &str) -> Refusal {
@@ -504,6 +544,7 @@ pub(crate) fn test_node(dir: &std::path::Path) -> (Arc<Node>, crate::wal::Wal) {
         node_id: "n1".into(),
         catalog: schemas::Catalog::global(),
         stations: StationRegistry::open(dir).unwrap(),
+        shared_auth: None,
         handlers: crate::handlers::Handlers {
             ocpp: Arc::new(config.ocpp.clone()),
             tokens: IdTokenRegistry::open(dir, DefaultPolicy::AcceptAll).unwrap(),

@@ -234,3 +234,76 @@ async fn bulk_import_registers_a_fleet() -> Result<()> {
     assert!(!server.cli_ok(&["stations", "list"]).contains("FLEET-4"));
     Ok(())
 }
+
+/// Two nodes of one fleet (one Redis, one secret, the same registry): a
+/// password verified with argon2 on one is let in on the other by the tag
+/// the first shared, then by the second's own cache; a wrong password still
+/// fails there.
+#[tokio::test]
+async fn nodes_share_password_verifications() -> Result<()> {
+    let redis = tests::RedisServer::start().await?;
+    let fleet = |node: &str| {
+        TestServer::builder()
+            .env("REDIS_URL", redis.url())
+            .env("CSMS_NODE_ID", node)
+            .env("CSMS_VERIFICATION_SECRET", "e2e fleet secret 0123456789")
+    };
+    let a = fleet("node-a")
+        .station("SHARED-1", Some("shared-pw-123"))
+        .start()
+        .await;
+    let b = fleet("node-b").start().await;
+    // The registry file is the fleet's: b gets a's (same hash, same salt),
+    // replaced atomically as `csms stations` would.
+    let copy = b.data_dir().join("stations.json.copy");
+    std::fs::copy(a.data_dir().join("stations.json"), &copy)?;
+    std::fs::rename(&copy, b.data_dir().join("stations.json"))?;
+
+    let creds = Some(("SHARED-1", "shared-pw-123"));
+    let mut on_a = a.connect("SHARED-1", "ocpp1.6", creds).await?;
+    on_a.heartbeat_ok("h1").await?;
+    assert_eq!(via(&a, "argon2").await?, 1.0);
+    drop(on_a);
+
+    // a shares the tag in the background: wait until Redis has it.
+    poll(Duration::from_secs(10), "a's tag in Redis", || async {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "EXISTS",
+                "csms:{SHARED-1}:auth",
+            ])
+            .output()?;
+        Ok((String::from_utf8_lossy(&out.stdout).trim() == "1").then_some(()))
+    })
+    .await?;
+    let mut on_b = b.connect("SHARED-1", "ocpp1.6", creds).await?;
+    on_b.heartbeat_ok("h2").await?;
+    assert_eq!(via(&b, "shared").await?, 1.0, "{}", b.metrics().await?);
+    assert_eq!(via(&b, "argon2").await?, 0.0, "b ran argon2");
+    drop(on_b);
+
+    let mut again = b.connect("SHARED-1", "ocpp1.6", creds).await?;
+    again.heartbeat_ok("h3").await?;
+    assert_eq!(via(&b, "cache").await?, 1.0);
+    assert_eq!(
+        refused(
+            &b.ocpp_url("SHARED-1"),
+            &["ocpp1.6"],
+            Some(("SHARED-1", "not-the-password"))
+        )
+        .await?,
+        401,
+        "wrong password on the node holding a shared tag"
+    );
+    assert_eq!(via(&b, "argon2").await?, 0.0);
+    Ok(())
+}
+
+/// How many connections `server` let in by a verification of `how`.
+async fn via(server: &TestServer, how: &str) -> Result<f64> {
+    server
+        .metric("csms_auth_verifications_total", &[("via", how)])
+        .await
+}

@@ -77,6 +77,9 @@ pub struct RedisStatusConfig {
     pub presence_ttl_secs: u64,
     /// Prefix of every key; must not contain `{` or `}` (hash tags).
     pub key_prefix: String,
+    /// How long a password verification shared by the nodes stays valid
+    /// without a connection of its station (see `crate::shared_auth`).
+    pub verification_ttl_secs: u64,
 }
 
 impl Default for RedisStatusConfig {
@@ -85,6 +88,7 @@ impl Default for RedisStatusConfig {
             queue_capacity: 100_000,
             presence_ttl_secs: 60,
             key_prefix: "csms:".into(),
+            verification_ttl_secs: 24 * 60 * 60,
         }
     }
 }
@@ -113,6 +117,14 @@ impl StatusStore {
 
     pub fn is_redis(&self) -> bool {
         matches!(self, Self::Redis(_))
+    }
+
+    /// The Redis store, for what only a store shared by nodes can do.
+    pub fn as_redis(&self) -> Option<&RedisStore> {
+        match self {
+            Self::Redis(r) => Some(r),
+            Self::Embedded(_) => None,
+        }
     }
 
     /// Stores `s` unless the stored status for its connector is at least as new.

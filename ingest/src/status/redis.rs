@@ -343,6 +343,8 @@ struct Keys {
     conn: String,
     station: String,
     presence: String,
+    /// A password verification shared by the nodes (`crate::shared_auth`).
+    auth: String,
 }
 
 struct Inner {
@@ -618,6 +620,7 @@ impl RedisStore {
                     .arg(&k.conn)
                     .arg(&k.station)
                     .arg(&k.presence)
+                    .arg(&k.auth)
                     .clone(),
             ],
             vec![
@@ -633,6 +636,65 @@ impl RedisStore {
                     return Err(StatusError::Redis(e.into()));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The verification tag stored for `station`, if any.
+    pub async fn verification(&self, station: &str) -> Result<Option<String>, StatusError> {
+        let key = self.inner.keys(station).auth;
+        match self
+            .inner
+            .conn
+            .one(redis::cmd("GET").arg(key).clone())
+            .await?
+        {
+            RValue::BulkString(b) => Ok(String::from_utf8(b).ok()),
+            RValue::SimpleString(s) => Ok(Some(s)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores `tag` as `station`'s verification for `ttl`.
+    pub async fn put_verification(
+        &self,
+        station: &str,
+        tag: &str,
+        ttl: Duration,
+    ) -> Result<(), StatusError> {
+        let key = self.inner.keys(station).auth;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let cmd = redis::cmd("SET")
+            .arg(key)
+            .arg(tag)
+            .arg("PX")
+            .arg(ms)
+            .clone();
+        self.inner.conn.one(cmd).await?;
+        Ok(())
+    }
+
+    /// Extends the stored verifications of `stations` (those that have one)
+    /// to `ttl` from now, in pipelines of a thousand.
+    pub async fn touch_verifications(
+        &self,
+        stations: &[String],
+        ttl: Duration,
+    ) -> Result<(), StatusError> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        for chunk in stations.chunks(1000) {
+            let groups = chunk
+                .iter()
+                .map(|s| {
+                    vec![
+                        redis::cmd("PEXPIRE")
+                            .arg(self.inner.keys(s).auth)
+                            .arg(ms)
+                            .clone(),
+                    ]
+                })
+                .collect();
+            self.inner.conn.run(groups).await?;
         }
         Ok(())
     }
@@ -724,6 +786,7 @@ impl Inner {
             conn: format!("{p}{{{station}}}:conn"),
             station: format!("{p}{{{station}}}:station"),
             presence: format!("{p}{{{station}}}:presence"),
+            auth: format!("{p}{{{station}}}:auth"),
         }
     }
 
