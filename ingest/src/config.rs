@@ -101,7 +101,8 @@ pub struct Config {
     /// A secret shared by every node of the fleet, under which they share
     /// password verifications through Redis (`shared_auth`); unset: none
     /// shared, except between the workers of `csms serve --workers`, which
-    /// get one made up for the run.
+    /// get one made up for the run. `status.verification_ttl_secs = 0`
+    /// turns sharing off.
     pub verification_secret: Option<String>,
     /// Accept stations that are not registered, without authentication.
     pub allow_unknown: bool,
@@ -221,11 +222,6 @@ impl Config {
                 "verification_secret (CSMS_VERIFICATION_SECRET) needs at least {} characters",
                 crate::shared_auth::MIN_SECRET_LEN
             )));
-        }
-        if self.status.verification_ttl_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "status.verification_ttl_secs must be greater than zero".into(),
-            ));
         }
         Ok(())
     }
@@ -454,10 +450,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CSMS_VERIFICATION_SECRET"), "{e}");
-        let e = Config::load_from(None, env(&[("CSMS_STATUS__VERIFICATION_TTL_SECS", "0")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("status.verification_ttl_secs"), "{e}");
         let c = Config::load_from(
             None,
             env(&[("CSMS_VERIFICATION_SECRET", "a fleet secret 0123456789")]),

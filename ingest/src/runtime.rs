@@ -191,6 +191,9 @@ pub async fn start_with(
     };
 
     let ocpp = bind("OCPP", config.ocpp_addr).await?;
+    if let Some(note) = somaxconn_note() {
+        info!("{note}");
+    }
     let ocpp_addr = ocpp.local_addr().map_err(|source| StartError::Bind {
         what: "OCPP",
         addr: config.ocpp_addr,
@@ -327,6 +330,23 @@ fn spawn_lake_writer(
     }))
 }
 
+/// The accept queue asked for; Linux's maximum.
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// A line for the log when the kernel caps the accept queue below
+/// [`LISTEN_BACKLOG`] (Linux's default `somaxconn` is 4096): a fleet that
+/// reconnects at once then loses SYNs past that many waiting connections.
+fn somaxconn_note() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?;
+    let cap: i32 = text.trim().parse().ok()?;
+    (cap < LISTEN_BACKLOG).then(|| {
+        format!(
+            "net.core.somaxconn = {cap} caps the OCPP accept queue at {cap} connections; \
+             raise it (sysctl -w net.core.somaxconn={LISTEN_BACKLOG}) to absorb reconnect storms"
+        )
+    })
+}
+
 /// A listening socket; workers of one `csms serve --workers N` share their
 /// ports through SO_REUSEPORT, so the kernel spreads connections over them.
 pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
@@ -338,8 +358,11 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpL
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    // A deep backlog absorbs the reconnect storm after an outage.
-    socket.listen(8192)?;
+    // A deep backlog absorbs the reconnect storm after an outage: while
+    // admission control paces accepts, connections wait in it instead of
+    // having their SYNs dropped (retried by TCP only after 1, 3, 7, 15 s).
+    // The kernel caps it at net.core.somaxconn (see `somaxconn_note`).
+    socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }
 

@@ -62,10 +62,13 @@ impl std::fmt::Debug for SharedAuth {
 }
 
 impl SharedAuth {
-    /// Sharing needs a store the nodes share (Redis) and a secret they share;
-    /// without either there is nothing to do: `None`.
+    /// Sharing needs a store the nodes share (Redis), a secret they share
+    /// and a TTL; without any of them there is nothing to do: `None`.
     pub fn new(secret: Option<&str>, status: &StatusStore, ttl: Duration) -> Option<Self> {
         let secret = secret?;
+        if ttl.is_zero() {
+            return None;
+        }
         let store = status.as_redis()?.clone();
         Some(Self {
             key: blake3::derive_key(KEY_CONTEXT, secret.as_bytes()),
@@ -179,7 +182,8 @@ mod tests {
         let (a, status) = node(&server, SECRET).await;
         let (b, _) = node(&server, SECRET).await;
         let (other, _) = node(&server, "another secret 0123456789").await;
-        assert!(SharedAuth::new(None, &status, Duration::ZERO).is_none());
+        assert!(SharedAuth::new(None, &status, Duration::from_secs(60)).is_none());
+        assert!(SharedAuth::new(Some(SECRET), &status, Duration::ZERO).is_none());
 
         let tag = a.tag("CP-1", "$argon2id$phc", "pw");
         assert!(

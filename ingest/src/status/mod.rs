@@ -78,7 +78,8 @@ pub struct RedisStatusConfig {
     /// Prefix of every key; must not contain `{` or `}` (hash tags).
     pub key_prefix: String,
     /// How long a password verification shared by the nodes stays valid
-    /// without a connection of its station (see `crate::shared_auth`).
+    /// without a connection of its station (see `crate::shared_auth`);
+    /// 0 shares none (nothing derived from passwords is stored in Redis).
     pub verification_ttl_secs: u64,
 }
 
