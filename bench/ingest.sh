@@ -178,15 +178,30 @@ if [ "$WORKERS" -gt 1 ]; then
   sleep 3
 fi
 
+# CPU seconds (user + system) of the server: the supervisor and its workers.
+server_cpu() {
+  local pids total=0 t
+  pids="$SERVER_PID $(pgrep -P "$SERVER_PID" | tr '\n' ' ')"
+  for p in $pids; do
+    # Fields 14 and 15 of /proc/PID/stat, after the parenthesised name.
+    t=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+    total=$(( total + ${t:-0} ))
+  done
+  echo "$total"
+}
+CPU_BEFORE=$(server_cpu)
+
 STATUS_STORE=embedded; [ "$REDIS" = 1 ] && STATUS_STORE=redis
 AUTH_NOTE="unknown stations allowed"; [ "$AUTH" = 1 ] && AUTH_NOTE="Basic auth, a password per station"
-echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $AUTH_NOTE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses"
+echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $AUTH_NOTE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses, net.core.somaxconn $(cat /proc/sys/net/core/somaxconn)"
 # Hard time bound: connect phase + run + slack.
 timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \
   --stations "$STATIONS" --mode "$MODE" --duration-secs "$DURATION" \
   --processes "$PROCESSES" --source-ips "$SOURCE_IPS" \
   --server-pid "$SERVER_PID" --acks-out "$WORK/acks" "${AUTH_ARGS[@]}" "${EXTRA[@]}"
+TICKS=$(getconf CLK_TCK)
+echo "| server CPU time during the run (user + system, all workers) | $(awk -v a="$CPU_BEFORE" -v b="$(server_cpu)" -v t="$TICKS" 'BEGIN {printf "%.1f s", (b - a) / t}') |"
 if [ -f "$WORK/redis.pid" ]; then
   echo "| redis-server RSS after the run | $(awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/redis.pid")/status") KiB"
 fi
