@@ -247,15 +247,17 @@ impl Drop for HashPermit<'_> {
     }
 }
 
+/// How many argon2 runs go at once: one per core.
+pub fn hash_parallelism() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
 fn hash_permits() -> &'static HashPermits {
     static PERMITS: std::sync::OnceLock<HashPermits> = std::sync::OnceLock::new();
     PERMITS.get_or_init(|| HashPermits {
-        free: Mutex::new((
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-            Vec::new(),
-        )),
+        free: Mutex::new((hash_parallelism(), Vec::new())),
         cv: Condvar::new(),
     })
 }

@@ -409,9 +409,7 @@ async fn authenticate(
         record_limit("auth_delay");
         tokio::time::sleep(delay).await;
     }
-    let decision = check_password(node, station, password)
-        .await
-        .ok_or_else(|| refuse(500, "authentication failed internally"))?;
+    let decision = check_password(node, station, password, VERIFY_QUEUE_TIMEOUT).await?;
     match decision {
         AuthDecision::Accepted => {
             node.limiter.record_auth_success(ip);
@@ -428,10 +426,29 @@ async fn authenticate(
     }
 }
 
+/// How long a connection may wait for its password check (argon2) to start.
+/// Past it the station is told to come back later (503): its own handshake
+/// timeout is near, and a check nobody waits for any more is ~16 ms of a
+/// core spent for nothing, which in a storm of first connections (a node
+/// with a cold cache) lengthens the queue for everyone behind it.
+const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Slots for argon2 runs, one per core, taken before a blocking thread is:
+/// a connection that waits here can still be given up without hashing.
+fn verify_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(crate::registry::hash_parallelism()))
+}
+
 /// The registry and this process's cache first, then the verifications
-/// the other nodes shared, and argon2 only when neither knows the password.
-/// None when the argon2 task failed.
-async fn check_password(node: &Node, station: &str, password: String) -> Option<AuthDecision> {
+/// the other nodes shared, and argon2 only when neither knows the password
+/// and a slot for it frees up within `queue_timeout`.
+async fn check_password(
+    node: &Node,
+    station: &str,
+    password: String,
+    queue_timeout: Duration,
+) -> Result<AuthDecision, Refusal> {
     let count = |via: &'static str| {
         metrics::counter!("csms_auth_verifications_total", "via" => via).increment(1);
     };
@@ -440,7 +457,7 @@ async fn check_password(node: &Node, station: &str, password: String) -> Option<
             if decision == AuthDecision::Accepted {
                 count("cache");
             }
-            return Some(decision);
+            return Ok(decision);
         }
         Lookup::Uncached { phc } => phc,
     };
@@ -451,20 +468,30 @@ async fn check_password(node: &Node, station: &str, password: String) -> Option<
     {
         node.stations.remember_verified(station, &password, phc);
         count("shared");
-        return Some(AuthDecision::Accepted);
+        return Ok(AuthDecision::Accepted);
     }
+    let Ok(Ok(slot)) = tokio::time::timeout(queue_timeout, verify_slots().acquire()).await else {
+        record_limit("verify_queue");
+        return Err(refuse(
+            503,
+            "too many password checks queued on this node; retry later",
+        ));
+    };
     let registry = node.stations.clone();
     let id = station.to_string();
-    let decision = tokio::task::spawn_blocking(move || registry.verify_hash(&id, &password, phc))
-        .await
-        .ok()?;
+    let decision = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        registry.verify_hash(&id, &password, phc)
+    })
+    .await
+    .map_err(|_| refuse(500, "authentication failed internally"))?;
     if decision == AuthDecision::Accepted {
         count("argon2");
         if let (Some(shared), Some(tag)) = (shared, tag) {
             shared.share(station, tag);
         }
     }
-    Some(decision)
+    Ok(decision)
 }
 
 async fn fail(node: &Node, ip: IpAddr, why: &str) -> Refusal {
@@ -565,6 +592,25 @@ pub(crate) fn test_node(dir: &std::path::Path) -> (Arc<Node>, crate::wal::Wal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that waits too long for an argon2 slot is refused
+    /// (503) without hashing; with a slot free the same check succeeds.
+    #[tokio::test]
+    async fn password_checks_queued_too_long_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _wal) = test_node(dir.path());
+        node.stations.add("CP-Q", Some("queued-password")).unwrap();
+        let n = u32::try_from(crate::registry::hash_parallelism()).unwrap();
+        let held = verify_slots().acquire_many(n).await.unwrap();
+        let wait = Duration::from_millis(50);
+        let refused = check_password(&node, "CP-Q", "queued-password".into(), wait)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status, 503, "{}", refused.reason);
+        drop(held);
+        let ok = check_password(&node, "CP-Q", "queued-password".into(), wait).await;
+        assert_eq!(ok.unwrap(), AuthDecision::Accepted);
+    }
 
     #[test]
     fn basic_auth_parsing() {
