@@ -903,9 +903,9 @@ impl StationRegistry {
         }
     }
 
-    /// Caches a verification of `password` against `phc` made elsewhere
-    /// (another process's, found in a shared cache), so that the next
-    /// connection of this station is a [`Self::lookup`] hit.
+    /// Caches a successful verification of `password` against `phc`, made
+    /// here by argon2 or by another process (found in a shared cache), so
+    /// that the next connection of this station is a [`Self::lookup`] hit.
     pub fn remember_verified(&self, id: &str, password: &str, phc: String) {
         self.inner.cache.insert(
             id.to_string(),
