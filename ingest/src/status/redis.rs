@@ -418,6 +418,11 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, StatusError> {
     Ok(Some(nodes))
 }
 
+/// A TTL as Redis `PX` / `PEXPIRE` milliseconds (at least 1: 0 is an error).
+fn expiry_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
@@ -663,7 +668,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<(), StatusError> {
         let key = self.inner.keys(station).auth;
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = expiry_ms(ttl);
         let cmd = redis::cmd("SET")
             .arg(key)
             .arg(tag)
@@ -681,7 +686,7 @@ impl RedisStore {
         stations: &[String],
         ttl: Duration,
     ) -> Result<(), StatusError> {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = expiry_ms(ttl);
         for chunk in stations.chunks(1000) {
             let groups = chunk
                 .iter()
