@@ -73,6 +73,22 @@ fn latency_line(h: &hdrhistogram::Histogram<u64>, what: &str) -> String {
     )
 }
 
+/// How late this process's runtime wakes a 10 ms timer, from the end of the
+/// connect phase on: CALL latencies are measured by this same runtime, so a
+/// server answer waiting to be read counts in them as if it were late.
+async fn lag_probe(stats: Arc<Stats>, phase: watch::Receiver<Phase>) {
+    const EVERY: Duration = Duration::from_millis(10);
+    let mut due = Instant::now() + EVERY;
+    loop {
+        tokio::time::sleep_until(due).await;
+        let now = Instant::now();
+        if *phase.borrow() != Phase::Connecting {
+            stats.record_lag(now.saturating_duration_since(due));
+        }
+        due = now + EVERY;
+    }
+}
+
 /// Descriptors a process keeps for itself besides station sockets.
 const FD_RESERVE: u64 = 200;
 
@@ -368,6 +384,14 @@ impl fmt::Display for Report {
             rows.push((
                 "connect (TCP + upgrade) p50 / p99 / p99.999 / max".into(),
                 latency_line(&s.connect_latency, "connects"),
+            ));
+        }
+        if !s.runtime_lag.is_empty() {
+            // Included in every CALL latency above: how late the load
+            // generator itself got round to reading an answer.
+            rows.push((
+                "loadgen's own runtime lag p50 / p99 / p99.999 / max".into(),
+                latency_line(&s.runtime_lag, "10 ms timer samples"),
             ));
         }
         if a.mode == Mode::Storm {
@@ -905,6 +929,7 @@ impl Fleet {
     ) -> Result<Summary> {
         let n = self.range.len() as u64;
         let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
+        let probe = tokio::spawn(lag_probe(self.stats.clone(), phase_rx.clone()));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         let share_of_rate = self.args.connect_rate * n as f64 / self.args.stations as f64;
@@ -983,6 +1008,7 @@ impl Fleet {
             .connected
             .load(std::sync::atomic::Ordering::Relaxed);
         let _ = phase_tx.send(Phase::Stop);
+        probe.abort();
         // Outstanding CALLs get their answer (or time out) before the tally.
         let mut acks = Vec::with_capacity(n as usize);
         while let Some(done) = tasks.join_next().await {

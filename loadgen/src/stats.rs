@@ -80,6 +80,10 @@ pub struct Stats {
     /// Successful connects: TCP connect plus WebSocket upgrade. Where a
     /// server that paces admissions makes stations wait.
     connect_latency: Mutex<Histogram<u64>>,
+    /// How late this process's runtime woke a periodic timer, once the
+    /// stations are connected: the part of a measured CALL latency that is
+    /// the load generator's own delay (it shares the cores with the server).
+    runtime_lag: Mutex<Histogram<u64>>,
 }
 
 /// A CALL this slow is counted by the second it was answered in, so the
@@ -109,6 +113,7 @@ impl Default for Stats {
             boot_latency: Mutex::new(new_histogram()),
             slow_calls: Mutex::new(BTreeMap::new()),
             connect_latency: Mutex::new(new_histogram()),
+            runtime_lag: Mutex::new(new_histogram()),
         }
     }
 }
@@ -134,6 +139,11 @@ impl Stats {
     /// Records how long a successful connect (TCP + upgrade) took.
     pub fn record_connect(&self, d: Duration) {
         record(&self.connect_latency, d);
+    }
+
+    /// Records how late the runtime woke the lag probe's timer.
+    pub fn record_lag(&self, d: Duration) {
+        record(&self.runtime_lag, d);
     }
 
     pub fn record_call_error(&self, code: &str) {
@@ -195,6 +205,7 @@ impl Stats {
                 .lock()
                 .expect("connect latency lock")
                 .clone(),
+            runtime_lag: self.runtime_lag.lock().expect("lag lock").clone(),
             slow_calls: self
                 .slow_calls
                 .lock()
@@ -252,6 +263,8 @@ pub struct Summary {
     pub boot_latency: Histogram<u64>,
     #[serde(with = "histogram_b64")]
     pub connect_latency: Histogram<u64>,
+    #[serde(with = "histogram_b64")]
+    pub runtime_lag: Histogram<u64>,
     /// CALLs slower than [`SLOW_CALL`] per unix second they were answered
     /// in, as pairs: worker lines are an internally tagged enum, through
     /// which serde cannot read integer map keys back.
@@ -293,6 +306,9 @@ impl Summary {
             .map_err(StatsError::Merge)?;
         self.connect_latency
             .add(&o.connect_latency)
+            .map_err(StatsError::Merge)?;
+        self.runtime_lag
+            .add(&o.runtime_lag)
             .map_err(StatsError::Merge)?;
         let mut slow: BTreeMap<u64, u64> = self.slow_calls.drain(..).collect();
         for (t, n) in &o.slow_calls {
@@ -365,6 +381,8 @@ mod tests {
         b.answered.fetch_add(1, Relaxed);
         a.record_connect(Duration::from_millis(3));
         b.record_connect(Duration::from_millis(900));
+        a.record_lag(Duration::from_micros(200));
+        b.record_lag(Duration::from_millis(1500));
         a.record_call_error("NotSupported");
         b.record_call_error("NotSupported");
         b.record_call_error("InternalError");
@@ -381,6 +399,8 @@ mod tests {
         assert_eq!(sa.boot_latency.len(), 1, "boots are also kept apart");
         assert_eq!(sa.connect_latency.len(), 2, "connects merge too");
         assert!(sa.connect_latency.max() >= 899_000);
+        assert_eq!(sa.runtime_lag.len(), 2, "lag samples merge too");
+        assert!(sa.runtime_lag.max() >= 1_499_000);
         assert_eq!(
             sa.slow_calls.iter().map(|p| p.1).sum::<u64>(),
             1,
