@@ -200,6 +200,13 @@ timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --stations "$STATIONS" --mode "$MODE" --duration-secs "$DURATION" \
   --processes "$PROCESSES" --source-ips "$SOURCE_IPS" \
   --server-pid "$SERVER_PID" --acks-out "$WORK/acks" "${AUTH_ARGS[@]}" "${EXTRA[@]}"
+# The server's own view of CALL time (frame read → answer written), from
+# csms_call_seconds of whichever worker answers the scrape: against the
+# load generator's figures it tells server time from socket and client time.
+curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS" '
+  /^csms_call_seconds_bucket/ && /le="1"/ { under += $NF }
+  /^csms_call_seconds_count/ { n += $NF }
+  END { if (n > 0) printf "| server-side CALL time over 1 s (csms_call_seconds, one worker of %d) | %d of %d (%.4f%%) |\n", w, n - under, n, 100 * (n - under) / n }' || true
 TICKS=$(getconf CLK_TCK)
 echo "| server CPU time during the run (user + system, all workers) | $(awk -v a="$CPU_BEFORE" -v b="$(server_cpu)" -v t="$TICKS" 'BEGIN {printf "%.1f s", (b - a) / t}') |"
 if [ -f "$WORK/redis.pid" ]; then
