@@ -203,10 +203,17 @@ timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
 # The server's own view of CALL time (frame read → answer written), from
 # csms_call_seconds of whichever worker answers the scrape: against the
 # load generator's figures it tells server time from socket and client time.
+# The WAL's fsyncs of the same worker: each CALL's answer waits for one.
 curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS" '
   /^csms_call_seconds_bucket/ && /le="1"/ { under += $NF }
   /^csms_call_seconds_count/ { n += $NF }
-  END { if (n > 0) printf "| server-side CALL time over 1 s (csms_call_seconds, one worker of %d) | %d of %d (%.4f%%) |\n", w, n - under, n, 100 * (n - under) / n }' || true
+  /^csms_wal_fsync_seconds_bucket/ && /le="0.1"/ { f100 = $NF }
+  /^csms_wal_fsync_seconds_bucket/ && /le="1"/ { f1000 = $NF }
+  /^csms_wal_fsync_seconds_count/ { fn = $NF }
+  END {
+    if (n > 0) printf "| server-side CALL time over 1 s (csms_call_seconds, one worker of %d) | %d of %d (%.4f%%) |\n", w, n - under, n, 100 * (n - under) / n
+    if (fn > 0) printf "| WAL fsyncs over 100 ms / over 1 s (same worker) | %d / %d of %d |\n", fn - f100, fn - f1000, fn
+  }' || true
 TICKS=$(getconf CLK_TCK)
 echo "| server CPU time during the run (user + system, all workers) | $(awk -v a="$CPU_BEFORE" -v b="$(server_cpu)" -v t="$TICKS" 'BEGIN {printf "%.1f s", (b - a) / t}') |"
 if [ -f "$WORK/redis.pid" ]; then
