@@ -424,31 +424,20 @@ mod tests {
 
     #[test]
     fn bad_values_say_what_to_fix() {
-        let e = Config::load_from(None, env(&[("CSMS_OCPP__HEARTBEAT_INTERVALL", "3")]))
-            .unwrap_err()
-            .to_string();
+        let refusal =
+            |pairs: &[(&str, &str)]| Config::load_from(None, env(pairs)).unwrap_err().to_string();
+        let e = refusal(&[("CSMS_OCPP__HEARTBEAT_INTERVALL", "3")]);
         assert!(e.contains("heartbeat_intervall"), "{e}");
-        let e = Config::load_from(None, env(&[("CSMS_HTTP_ADDR", "nope")]))
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&[("CSMS_HTTP_ADDR", "nope")]);
         assert!(e.contains("invalid"), "{e}");
-        let e = Config::load_from(None, env(&[("CSMS_ALLOW_UNKNOWN", "maybe")]))
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&[("CSMS_ALLOW_UNKNOWN", "maybe")]);
         assert!(e.contains("CSMS_ALLOW_UNKNOWN"), "{e}");
-        let e = Config::load_from(
-            None,
-            env(&[
-                ("CSMS_ADMISSION__PENDING_MIN_SECS", "10"),
-                ("CSMS_ADMISSION__PENDING_MAX_SECS", "2"),
-            ]),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = refusal(&[
+            ("CSMS_ADMISSION__PENDING_MIN_SECS", "10"),
+            ("CSMS_ADMISSION__PENDING_MAX_SECS", "2"),
+        ]);
         assert!(e.contains("admission.pending_min_secs"), "{e}");
-        let e = Config::load_from(None, env(&[("CSMS_VERIFICATION_SECRET", "short")]))
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&[("CSMS_VERIFICATION_SECRET", "short")]);
         assert!(e.contains("CSMS_VERIFICATION_SECRET"), "{e}");
         let c = Config::load_from(
             None,

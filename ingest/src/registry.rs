@@ -740,8 +740,7 @@ impl StationRegistry {
         for (id, _) in stations {
             validate_station_id(id)?;
         }
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let chunk = stations.len().div_ceil(threads).max(1);
+        let chunk = stations.len().div_ceil(hash_parallelism()).max(1);
         let done = std::sync::atomic::AtomicUsize::new(0);
         let hashes: Vec<Option<String>> = std::thread::scope(|scope| {
             let workers: Vec<_> = stations

@@ -461,10 +461,13 @@ async fn check_password(
         }
         Lookup::Uncached { phc } => phc,
     };
-    let shared = node.shared_auth.clone();
-    let tag = shared.as_ref().map(|s| s.tag(station, &phc, &password));
-    if let (Some(shared), Some(tag)) = (&shared, &tag)
-        && shared.verified_elsewhere(station, tag).await
+    // With sharing on: the tag this password would have, if verified.
+    let shared = node
+        .shared_auth
+        .as_deref()
+        .map(|s| (s, s.tag(station, &phc, &password)));
+    if let Some((s, tag)) = &shared
+        && s.verified_elsewhere(station, tag).await
     {
         node.stations.remember_verified(station, &password, phc);
         count("shared");
@@ -487,8 +490,8 @@ async fn check_password(
     .map_err(|_| refuse(500, "authentication failed internally"))?;
     if decision == AuthDecision::Accepted {
         count("argon2");
-        if let (Some(shared), Some(tag)) = (shared, tag) {
-            shared.share(station, tag);
+        if let Some((s, tag)) = shared {
+            s.share(station, tag);
         }
     }
     Ok(decision)
