@@ -17,6 +17,7 @@ csms_install_test_deps() {
 
     # Cheap checks even with a stamp: a machine can lose packages.
     if [[ -f "$stamp" ]] && command -v redis-server >/dev/null 2>&1 \
+        && command -v redis-cli >/dev/null 2>&1 \
         && command -v psql >/dev/null 2>&1 \
         && "$python" -c 'import ocpp.v16, ocpp.v201, ocpp.v21, websockets, deltalake, psycopg, nbclient, pandas, matplotlib' >/dev/null 2>&1; then
         return 0
@@ -27,12 +28,13 @@ csms_install_test_deps() {
         return 1
     fi
 
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "install-test-deps: installing redis-server" >&2
+    # redis-cli (redis-tools, a dependency of redis-server) reads keys in e2e tests.
+    if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+        echo "install-test-deps: installing redis-server and redis-cli" >&2
         local sudo=""
         [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
         $sudo apt-get update -qq >/dev/null || return 1
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null || return 1
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null || return 1
     fi
 
     # psql: the real client of the PostgreSQL wire protocol tests.
