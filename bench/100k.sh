@@ -8,7 +8,7 @@
 # when all were connected and at the end of the run) and redis-server RSS.
 #
 #   bench/100k.sh [--debug] [--no-build] [--auth] [--no-verify] [--stations N] [--duration SECS]
-#                 [--workers W] [--storm] [-- extra loadgen args]
+#                 [--workers W] [--storm] [--client-nice N] [-- extra loadgen args]
 #
 # Default: `schedule` mode, the steady state of a real fleet: a heartbeat
 # every 60 s, sessions with meter values every 30 s (~2,800 CALLs/s at
@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
     --storm) MODE=storm ;;
+    --client-nice) PASS+=("$1" "$2"); shift ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;

@@ -5,7 +5,7 @@
 #
 #   bench/ingest.sh [--debug] [--no-build] [--stations N] [--mode MODE]
 #                   [--duration SECS] [--processes P] [--workers W]
-#                   [-- extra loadgen args]
+#                   [--client-nice N] [-- extra loadgen args]
 # --workers W runs `csms serve --workers W` with a throw-away redis-server;
 # server RSS is then summed over the supervisor and its W workers, and the
 # redis-server's RSS is printed after the table. --redis uses a throw-away
@@ -14,6 +14,10 @@
 # station with a password of its own (`csms loadgen --credentials-out`, then
 # `csms stations import`: one argon2id hash each, timed) and the server
 # authenticates them; without it the server accepts unknown stations.
+# --client-nice N runs the load generator at that nice value (e.g. -10: the
+# simulated chargers get the CPU first, as chargers with CPUs of their own
+# would, and their own scheduling delay stays out of the latencies they
+# measure; the server gets what is left). Default: the server's (0).
 #
 # MODE is sustained (default, with --rate), saturation, storm or schedule.
 # After the run the server is stopped (its lake writer flushes) and every
@@ -39,6 +43,7 @@ WORKERS=1
 REDIS=0
 AUTH=0
 VERIFY=1
+CLIENT_NICE=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,8 +57,9 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift ;;
     --processes) PROCESSES=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
+    --client-nice) CLIENT_NICE=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -95,6 +101,9 @@ else
   [ "$BUILD" = 1 ] && (cd "$ROOT" && cargo build "${CARGO_FLAGS[@]}" -p loadgen --bin loadgen-dev)
   LOADGEN=("$BIN_DIR/loadgen-dev")
   [ -x "${LOADGEN[0]}" ] || { echo "no loadgen binary at ${LOADGEN[0]}" >&2; exit 1; }
+fi
+if [ "$CLIENT_NICE" != 0 ]; then
+  LOADGEN=(nice -n "$CLIENT_NICE" "${LOADGEN[@]}")
 fi
 
 WORK=$(mktemp -d -t csms-bench-XXXXXX)
@@ -193,7 +202,7 @@ CPU_BEFORE=$(server_cpu)
 
 STATUS_STORE=embedded; [ "$REDIS" = 1 ] && STATUS_STORE=redis
 AUTH_NOTE="unknown stations allowed"; [ "$AUTH" = 1 ] && AUTH_NOTE="Basic auth, a password per station"
-echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $AUTH_NOTE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes, $SOURCE_IPS source addresses, net.core.somaxconn $(cat /proc/sys/net/core/somaxconn)"
+echo "csms $PROFILE build, $WORKERS server worker(s), status store $STATUS_STORE, $AUTH_NOTE, $STATIONS stations, mode $MODE, ${DURATION}s, $PROCESSES loadgen processes at nice $CLIENT_NICE, $SOURCE_IPS source addresses, runtime threads ${CSMS_RUNTIME_THREADS:-a share of the cores each}, net.core.somaxconn $(cat /proc/sys/net/core/somaxconn)"
 # Hard time bound: connect phase + run + slack.
 timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
   --url "ws://127.0.0.1:$OCPP_PORT/ocpp" \
@@ -204,15 +213,21 @@ timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
 # csms_call_seconds of whichever worker answers the scrape: against the
 # load generator's figures it tells server time from socket and client time.
 # The WAL's fsyncs of the same worker: each CALL's answer waits for one.
+# Its runtime's wake-up delay (admission control's probe): how long a task
+# that became ready waited for a thread.
 curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS" '
   /^csms_call_seconds_bucket/ && /le="1"/ { under += $NF }
   /^csms_call_seconds_count/ { n += $NF }
   /^csms_wal_fsync_seconds_bucket/ && /le="0.1"/ { f100 = $NF }
   /^csms_wal_fsync_seconds_bucket/ && /le="1"/ { f1000 = $NF }
   /^csms_wal_fsync_seconds_count/ { fn = $NF }
+  /^csms_runtime_probe_delay_seconds_bucket/ && /le="0.1"/ { p100 = $NF }
+  /^csms_runtime_probe_delay_seconds_bucket/ && /le="1"/ { p1000 = $NF }
+  /^csms_runtime_probe_delay_seconds_count/ { pn = $NF }
   END {
     if (n > 0) printf "| server-side CALL time over 1 s (csms_call_seconds, one worker of %d) | %d of %d (%.4f%%) |\n", w, n - under, n, 100 * (n - under) / n
     if (fn > 0) printf "| WAL fsyncs over 100 ms / over 1 s (same worker) | %d / %d of %d |\n", fn - f100, fn - f1000, fn
+    if (pn > 0) printf "| server runtime wake-up delay over 100 ms / over 1 s (10 ms probe, same worker) | %d / %d of %d |\n", pn - p100, pn - p1000, pn
   }' || true
 TICKS=$(getconf CLK_TCK)
 echo "| server CPU time during the run (user + system, all workers) | $(awk -v a="$CPU_BEFORE" -v b="$(server_cpu)" -v t="$TICKS" 'BEGIN {printf "%.1f s", (b - a) / t}') |"

@@ -2,6 +2,7 @@
 //! lives in a library crate; this file parses arguments, loads the
 //! configuration and reports errors in words that say what to fix.
 
+mod log_writer;
 mod workflows_cli;
 
 use std::path::PathBuf;
@@ -251,10 +252,14 @@ fn real_main() -> Result<()> {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("buoyant_kernel")) {
         filter = filter.add_directive("buoyant_kernel=off".parse().expect("static directive"));
     }
+    let (log, _flush_log) =
+        log_writer::spawn(std::io::stderr()).context("starting the log writer")?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(log)
         .init();
     let cli = Cli::parse();
     // One layered table (file ← environment); each crate takes its section.
@@ -289,9 +294,19 @@ fn real_main() -> Result<()> {
     if let Some(u) = &config.smtp_url {
         smtp_cfg.url = Some(u.clone());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let threads = match &cli.command {
+        Command::Loadgen(a) if a.worker_index.is_some() => Some(
+            config
+                .runtime_threads
+                .unwrap_or_else(|| share_of_cores(a.processes)),
+        ),
+        _ => config.runtime_threads,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build()?;
     let settings = workflows_cli::Settings {
         workflows: workflows_cfg,
         alerts: alerts_cfg,
@@ -698,6 +713,8 @@ async fn run_pipeline(
 /// WAL and node id, sharing the ports, the data directory, Redis and the
 /// secret under which they share password verifications. A worker
 /// that dies is restarted; SIGINT/SIGTERM stop them all gracefully.
+/// Each worker's runtime gets its share of the cores (`share_of_cores`)
+/// unless `runtime_threads` says otherwise.
 async fn run_workers(n: u32, config: &Config) -> Result<()> {
     if config.redis_url.is_none() {
         bail!(
@@ -727,10 +744,14 @@ async fn run_workers(n: u32, config: &Config) -> Result<()> {
         .verification_secret
         .clone()
         .unwrap_or_else(ingest::shared_auth::random_secret);
+    let threads = config
+        .runtime_threads
+        .unwrap_or_else(|| share_of_cores(n as usize));
     let spawn = |i: u32| {
         tokio::process::Command::new(&exe)
             .args(&args)
             .env("CSMS_WORKER_INDEX", i.to_string())
+            .env("CSMS_RUNTIME_THREADS", threads.to_string())
             .env("CSMS_NODE_ID", format!("{base}-w{i}"))
             .env("CSMS_VERIFICATION_SECRET", &secret)
             .spawn()
@@ -773,6 +794,17 @@ async fn run_workers(n: u32, config: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runtime threads for one of `processes` processes that share this box
+/// (workers of `csms serve --workers`, `csms loadgen --processes`): its
+/// share of the cores, at least one. More threads than cores only add
+/// context switches and cross-thread wake-ups: with 6 workers of 2 threads
+/// on 2 cores, a frame's task is as likely to wait for its thread to be
+/// scheduled as for the work ahead of it.
+fn share_of_cores(processes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / processes.max(1)).max(1)
 }
 
 async fn simulate(config: &Config, a: SimulateArgs) -> Result<()> {

@@ -235,7 +235,11 @@ impl Admission {
                 () = tokio::time::sleep_until(asked) => {}
             }
             let now = Instant::now();
-            self.observe(now.saturating_duration_since(asked), now - last);
+            let late = now.saturating_duration_since(asked);
+            // Every probe, not only the smoothed peak: the distribution says
+            // how often a frame waits that long before it is even read.
+            metrics::histogram!("csms_runtime_probe_delay_seconds").record(late.as_secs_f64());
+            self.observe(late, now - last);
             last = now;
             metrics::gauge!("csms_runtime_lag_seconds").set(self.lag().as_secs_f64());
             let rate = self.rate();

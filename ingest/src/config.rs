@@ -108,6 +108,10 @@ pub struct Config {
     pub allow_unknown: bool,
     /// Set by `csms serve --workers N` in each worker process (0..N).
     pub worker_index: Option<u32>,
+    /// Threads of the process's async runtime (`CSMS_RUNTIME_THREADS`);
+    /// unset: one per core, or for each of `csms serve --workers N`, its
+    /// share of the cores (at least one).
+    pub runtime_threads: Option<usize>,
     pub ocpp: OcppConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
@@ -135,6 +139,7 @@ impl Default for Config {
             verification_secret: None,
             allow_unknown: false,
             worker_index: None,
+            runtime_threads: None,
             ocpp: OcppConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -215,6 +220,12 @@ impl Config {
             ));
         }
         self.admission.validate().map_err(ConfigError::Invalid)?;
+        if self.runtime_threads == Some(0) {
+            return Err(ConfigError::Invalid(
+                "runtime_threads (CSMS_RUNTIME_THREADS) must be at least 1; unset it for one per core"
+                    .into(),
+            ));
+        }
         if let Some(secret) = &self.verification_secret
             && secret.len() < crate::shared_auth::MIN_SECRET_LEN
         {
@@ -316,6 +327,8 @@ pub fn layered_table(
             set_path(&mut table, &[field], toml::Value::Boolean(b));
         } else if key == "CSMS_WORKER_INDEX" {
             set_path(&mut table, &["worker_index"], scalar(&value));
+        } else if key == "CSMS_RUNTIME_THREADS" {
+            set_path(&mut table, &["runtime_threads"], scalar(&value));
         } else if let Some(rest) = key.strip_prefix("CSMS_")
             && let Some((section, field)) = rest.split_once("__")
         {
@@ -439,6 +452,10 @@ mod tests {
         assert!(e.contains("admission.pending_min_secs"), "{e}");
         let e = refusal(&[("CSMS_VERIFICATION_SECRET", "short")]);
         assert!(e.contains("CSMS_VERIFICATION_SECRET"), "{e}");
+        let e = refusal(&[("CSMS_RUNTIME_THREADS", "0")]);
+        assert!(e.contains("CSMS_RUNTIME_THREADS"), "{e}");
+        let c = Config::load_from(None, env(&[("CSMS_RUNTIME_THREADS", "3")])).unwrap();
+        assert_eq!(c.runtime_threads, Some(3));
         let c = Config::load_from(
             None,
             env(&[("CSMS_VERIFICATION_SECRET", "a fleet secret 0123456789")]),

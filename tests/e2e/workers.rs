@@ -34,6 +34,20 @@ async fn workers_share_ports_and_status() {
         .spawn()
         .unwrap();
 
+    // Both workers listening before the first connection, or the kernel
+    // hands every connection to the one that bound first.
+    let log_path = data.path().join("serve.log");
+    poll(Duration::from_secs(60), "both workers listening", || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let up = ["box-w0", "box-w1"].iter().all(|w| {
+            log.lines()
+                .any(|l| l.contains("csms node listening") && l.contains(w))
+        });
+        async move { Ok(up.then_some(())) }
+    })
+    .await
+    .unwrap();
+
     let boot = json!({"chargePointVendor": "V", "chargePointModel": "M"});
     let mut clients = Vec::new();
     for i in 0..16 {
