@@ -105,6 +105,9 @@ const DECREASE: f64 = 0.9;
 const INCREASE: f64 = 1.05;
 /// Admissions allowed back to back before pacing applies (a burst).
 const BURST: f64 = 16.0;
+/// A probe this late is logged (at most once per [`STALL_WARNING_EVERY`]).
+const STALL_WARNING: Duration = Duration::from_millis(500);
+const STALL_WARNING_EVERY: Duration = Duration::from_secs(5);
 
 /// The node's admission state, shared by the probe, the accept loops and
 /// the BootNotification handler.
@@ -228,6 +231,7 @@ impl Admission {
     pub async fn run_probe(self, shutdown: CancellationToken) {
         let every = Duration::from_millis(self.inner.config.probe_interval_ms.max(1));
         let mut last = Instant::now();
+        let mut last_warning: Option<Instant> = None;
         loop {
             let asked = Instant::now() + every;
             tokio::select! {
@@ -239,6 +243,17 @@ impl Admission {
             // Every probe, not only the smoothed peak: the distribution says
             // how often a frame waits that long before it is even read.
             metrics::histogram!("csms_runtime_probe_delay_seconds").record(late.as_secs_f64());
+            // A stall this long delays every station's answer on this node;
+            // the log line's time says when, for lining it up with the rest.
+            if late >= STALL_WARNING && last_warning.is_none_or(|w| now - w >= STALL_WARNING_EVERY)
+            {
+                tracing::warn!(
+                    stalled_ms = late.as_millis() as u64,
+                    accept_rate = self.rate(),
+                    "session runtime stalled"
+                );
+                last_warning = Some(now);
+            }
             self.observe(late, now - last);
             last = now;
             metrics::gauge!("csms_runtime_lag_seconds").set(self.lag().as_secs_f64());

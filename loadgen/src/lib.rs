@@ -988,6 +988,8 @@ impl Fleet {
                 .load(std::sync::atomic::Ordering::Relaxed);
             let _ = self.cfg.storm_at.set(Instant::now());
             let _ = phase_tx.send(Phase::Storm);
+            // Timestamped, to line the storm up with the server's log.
+            tracing::info!(stations = dropped, "storm: dropping every socket");
             let storm_deadline = Instant::now() + limit;
             while self
                 .stats

@@ -276,6 +276,8 @@ enum Request {
     Append {
         records: Vec<WalRecord>,
         done: Option<Reply<u64>>,
+        /// When the caller asked: the commit time reported is from here.
+        queued_at: Instant,
     },
     Seal {
         done: Reply<Option<SegmentInfo>>,
@@ -381,6 +383,7 @@ impl Wal {
             active: None,
             next_seq,
             buf: Vec::new(),
+            batch_oldest: None,
         };
         writer.ensure_active()?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -420,15 +423,21 @@ impl WalHandle {
     /// Returns the seq of the last record (the last durable seq when
     /// `records` is empty).
     pub async fn append(&self, records: Vec<WalRecord>) -> Result<u64, WalError> {
+        let queued_at = Instant::now();
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Request::Append {
                 records,
                 done: Some(done),
+                queued_at,
             })
             .await
             .map_err(|_| WalError::Closed)?;
-        rx.await.map_err(|_| WalError::Closed)?
+        let result = rx.await.map_err(|_| WalError::Closed)?;
+        // Against `csms_wal_commit_seconds` (until the writer answered), the
+        // difference is how long the woken caller waited to run again.
+        metrics::histogram!("csms_wal_append_seconds").record(queued_at.elapsed().as_secs_f64());
+        result
     }
 
     /// Fire-and-forget append for frames that need no durability wait; still
@@ -439,6 +448,7 @@ impl WalHandle {
             .try_send(Request::Append {
                 records,
                 done: None,
+                queued_at: Instant::now(),
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => WalError::QueueFull,
@@ -863,6 +873,8 @@ struct Writer {
     next_seq: u64,
     /// Encoded records of the current batch, not yet written.
     buf: Vec<u8>,
+    /// When the oldest request of the current batch was queued.
+    batch_oldest: Option<Instant>,
 }
 
 impl Writer {
@@ -892,7 +904,13 @@ impl Writer {
         let mut stop = false;
         for req in reqs.drain(..) {
             match req {
-                Request::Append { records, done } => {
+                Request::Append {
+                    records,
+                    done,
+                    queued_at,
+                } => {
+                    self.batch_oldest =
+                        Some(self.batch_oldest.map_or(queued_at, |o| o.min(queued_at)));
                     if records.is_empty() {
                         waiters.push((done, self.next_seq - 1));
                         continue;
@@ -960,6 +978,7 @@ impl Writer {
     /// Writes the buffered records, fsyncs once, then answers every waiter.
     fn flush(&mut self, waiters: &mut Vec<Waiter>, batch_records: usize) {
         if self.buf.is_empty() {
+            self.batch_oldest = None;
             for (done, seq) in waiters.drain(..) {
                 if let Some(done) = done {
                     let _ = done.send(Ok(seq));
@@ -999,6 +1018,12 @@ impl Writer {
                 self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
                 *self.shared.last_error.lock() = None;
                 metrics::histogram!("csms_wal_fsync_seconds").record(fsync_secs);
+                // The batch's longest wait, queue to durable: the fsync plus
+                // the queue ahead of it and the writer thread's own delays.
+                if let Some(oldest) = self.batch_oldest.take() {
+                    metrics::histogram!("csms_wal_commit_seconds")
+                        .record(oldest.elapsed().as_secs_f64());
+                }
                 metrics::histogram!("csms_wal_batch_records").record(batch_records as f64);
                 metrics::counter!("csms_wal_records_total").increment(batch_records as u64);
                 for (done, seq) in waiters.drain(..) {
@@ -1008,6 +1033,7 @@ impl Writer {
                 }
             }
             Err(e) => {
+                self.batch_oldest = None;
                 self.note_error(&e);
                 // Cut back to the last fsynced length, then leave this segment:
                 // after a failed fsync the file's page-cache state is unknown.
