@@ -17,11 +17,14 @@ use std::{
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
-    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 /// Lines held while stderr is slow (at most ~100 bytes to 1 KiB each).
 const QUEUE_LINES: usize = 65_536;
+/// How long the end of `main` waits for queued lines to be written: a
+/// stuck stderr must not keep the process from exiting.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// The `MakeWriter` for the formatter; cheap to clone.
 #[derive(Clone)]
@@ -30,23 +33,32 @@ pub struct QueuedStderr {
     dropped: Arc<AtomicU64>,
 }
 
-/// Flushes what is queued when dropped (at the end of `main`).
+/// Flushes what is queued when dropped (at the end of `main`), waiting at
+/// most [`FLUSH_AT_EXIT`].
 pub struct FlushOnDrop {
-    tx: Option<SyncSender<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
+    tx: SyncSender<Vec<u8>>,
+    finished: Receiver<()>,
 }
 
 impl Drop for FlushOnDrop {
     fn drop(&mut self) {
-        // The writer thread ends when every sender is gone; the formatter's
-        // clones live in the global subscriber, so ask it to stop with an
-        // empty line instead and wait for what is queued before it.
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Vec::new());
+        // The formatter's senders live in the global subscriber, so the
+        // writer is asked to stop with an empty line, queued behind the rest.
+        let deadline = Instant::now() + FLUSH_AT_EXIT;
+        let mut stop = Vec::new();
+        loop {
+            match self.tx.try_send(stop) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    stop = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self
+            .finished
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -60,20 +72,21 @@ fn spawn_with(
     capacity: usize,
 ) -> std::io::Result<(QueuedStderr, FlushOnDrop)> {
     let (tx, rx) = sync_channel(capacity);
+    let (done, finished) = sync_channel(1);
     let dropped = Arc::new(AtomicU64::new(0));
     let d = dropped.clone();
-    let thread = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("csms-log".into())
-        .spawn(move || write_lines(rx, out, &d))?;
+        .spawn(move || {
+            write_lines(rx, out, &d);
+            let _ = done.send(());
+        })?;
     Ok((
         QueuedStderr {
             tx: tx.clone(),
             dropped,
         },
-        FlushOnDrop {
-            tx: Some(tx),
-            thread: Some(thread),
-        },
+        FlushOnDrop { tx, finished },
     ))
 }
 
@@ -98,12 +111,12 @@ fn write_lines(rx: Receiver<Vec<u8>>, mut out: impl Write, dropped: &AtomicU64) 
 }
 
 /// One event's bytes, sent when the formatter is done with them.
-pub struct Line {
+pub struct Line<'a> {
     buf: Vec<u8>,
-    queue: QueuedStderr,
+    queue: &'a QueuedStderr,
 }
 
-impl Write for Line {
+impl Write for Line<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(b);
         Ok(b.len())
@@ -114,7 +127,7 @@ impl Write for Line {
     }
 }
 
-impl Drop for Line {
+impl Drop for Line<'_> {
     fn drop(&mut self) {
         if self.buf.is_empty() {
             return;
@@ -131,12 +144,12 @@ impl Drop for Line {
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueuedStderr {
-    type Writer = Line;
+    type Writer = Line<'a>;
 
-    fn make_writer(&'a self) -> Line {
+    fn make_writer(&'a self) -> Line<'a> {
         Line {
             buf: Vec::new(),
-            queue: self.clone(),
+            queue: self,
         }
     }
 }
@@ -201,5 +214,29 @@ mod tests {
             text.contains(&format!("{dropped} log lines dropped")),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_stuck_output_does_not_hold_up_the_exit() {
+        let sink = Sink::default();
+        let held = sink.0.lock().unwrap();
+        let (w, guard) = spawn_with(sink.clone(), 4).unwrap();
+        for i in 0..10 {
+            log(
+                &w,
+                &format!(
+                    "line {i}
+"
+                ),
+            );
+        }
+        let started = Instant::now();
+        drop(guard);
+        let waited = started.elapsed();
+        assert!(
+            waited >= FLUSH_AT_EXIT && waited < FLUSH_AT_EXIT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        drop(held);
     }
 }
