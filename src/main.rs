@@ -306,14 +306,16 @@ fn real_main() -> Result<()> {
     if let Some(n) = threads {
         runtime.worker_threads(n);
     }
-    if matches!(cli.command, Command::Serve { .. } | Command::Ingest) {
-        // Tasks woken from outside the runtime first. For a node those are
-        // above all sessions whose CALL the WAL thread has just made
-        // durable, one write away from their answer. With the default
-        // (one such task per few dozen local polls) a busy runtime kept
-        // them waiting: at 20,000 CALLs/s on one runtime thread, 44 % of
-        // CALLs waited over 50 ms between durable and answered, 2.7 % with
-        // this (bench/README.md, "Where a CALL's server time goes").
+    if matches!(cli.command, Command::Serve { .. } | Command::Ingest) && threads == Some(1) {
+        // On one thread, tasks woken from outside the runtime first. For a
+        // node those are above all sessions whose CALL the WAL thread has
+        // just made durable, one write away from their answer. With the
+        // default (one such task per few dozen local polls) a busy runtime
+        // kept them waiting: at 20,000 CALLs/s on one runtime thread, 44 %
+        // of CALLs waited over 50 ms between durable and answered, 2.7 %
+        // with this. On two threads it measured no better than the default
+        // (2.8 % and 5.7 % against 1.9 %; bench/README.md, "Where a CALL's
+        // server time goes"), so there the default stays.
         runtime.global_queue_interval(1);
     }
     let runtime = runtime.enable_all().build()?;
