@@ -216,32 +216,36 @@ timeout $(( DURATION * 2 + 600 )) "${LOADGEN[@]}" \
 # Its runtime's wake-up delay (admission control's probe): how long a task
 # that became ready waited for a thread.
 curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS" '
-  function action(line) { match(line, /action="[^"]*"/); return substr(line, RSTART + 8, RLENGTH - 9) }
-  /^csms_call_seconds_bucket/ && /le="1"/ { under += $NF; a_under[action($0)] += $NF }
-  /^csms_call_seconds_count/ { n += $NF; a_n[action($0)] += $NF }
-  /^csms_wal_fsync_seconds_bucket/ && /le="0.1"/ { f100 = $NF }
-  /^csms_wal_fsync_seconds_bucket/ && /le="1"/ { f1000 = $NF }
-  /^csms_wal_fsync_seconds_count/ { fn = $NF }
-  /^csms_call_seconds_bucket/ && /le="0.05"/ { under50 += $NF }
-  /^csms_wal_commit_seconds_bucket/ && /le="0.05"/ { c50 = $NF }
-  /^csms_wal_commit_seconds_bucket/ && /le="1"/ { c1000 = $NF }
-  /^csms_wal_commit_seconds_count/ { cn = $NF }
-  /^csms_wal_append_seconds_bucket/ && /le="0.05"/ { a50 = $NF }
-  /^csms_wal_append_seconds_bucket/ && /le="1"/ { a1000 = $NF }
-  /^csms_wal_append_seconds_count/ { an = $NF }
-  /^csms_runtime_probe_delay_seconds_bucket/ && /le="0.05"/ { p50 = $NF }
-  /^csms_runtime_probe_delay_seconds_bucket/ && /le="0.1"/ { p100 = $NF }
-  /^csms_runtime_probe_delay_seconds_bucket/ && /le="1"/ { p1000 = $NF }
-  /^csms_runtime_probe_delay_seconds_count/ { pn = $NF }
+  function label(line, key) {
+    if (!match(line, key "=\"[^\"]*\"")) return ""
+    return substr(line, RSTART + length(key) + 2, RLENGTH - length(key) - 3)
+  }
+  # Every *_seconds histogram: count and cumulative buckets, summed over series.
+  function over(m, le) { return cnt[m] - below[m, le] }
+  /^csms_[a-z_]+_seconds_(bucket|count)[{ ]/ {
+    m = $1; sub(/[{].*/, "", m)
+    if (sub(/_bucket$/, "", m)) {
+      below[m, label($0, "le")] += $NF
+      if (m == "csms_call_seconds" && label($0, "le") == "1") a_under[label($0, "action")] += $NF
+    } else {
+      sub(/_count$/, "", m); cnt[m] += $NF
+      if (m == "csms_call_seconds") a_n[label($0, "action")] += $NF
+    }
+  }
   END {
-    if (n > 0) printf "| server-side CALL time over 50 ms / over 1 s (csms_call_seconds, one worker of %d) | %d / %d of %d (%.4f%% / %.4f%%) |\n", w, n - under50, n - under, n, 100 * (n - under50) / n, 100 * (n - under) / n
+    c = "csms_call_seconds"; n = cnt[c]
+    if (n > 0) printf "| server-side CALL time over 50 ms / over 1 s (csms_call_seconds, one worker of %d) | %d / %d of %d (%.4f%% / %.4f%%) |\n", w, over(c, "0.05"), over(c, "1"), n, 100 * over(c, "0.05") / n, 100 * over(c, "1") / n
     by = ""
     for (a in a_n) if (a_n[a] > a_under[a]) by = by sprintf("%s%s %d of %d", (by == "" ? "" : "; "), a, a_n[a] - a_under[a], a_n[a])
     if (by != "") printf "| ... of which, by action | %s |\n", by
-    if (fn > 0) printf "| WAL fsyncs over 100 ms / over 1 s (same worker) | %d / %d of %d |\n", fn - f100, fn - f1000, fn
-    if (cn > 0) printf "| WAL batches whose oldest request waited over 50 ms / over 1 s, queued → durable (same worker) | %d / %d of %d |\n", cn - c50, cn - c1000, cn
-    if (an > 0) printf "| WAL appends over 50 ms / over 1 s as the session sees them, until it runs again (same worker) | %d / %d of %d |\n", an - a50, an - a1000, an
-    if (pn > 0) printf "| server runtime wake-up delay over 50 ms / 100 ms / 1 s (10 ms probe, same worker) | %d / %d / %d of %d |\n", pn - p50, pn - p100, pn - p1000, pn
+    m = "csms_wal_fsync_seconds"
+    if (cnt[m] > 0) printf "| WAL fsyncs over 100 ms / over 1 s (same worker) | %d / %d of %d |\n", over(m, "0.1"), over(m, "1"), cnt[m]
+    m = "csms_wal_commit_seconds"
+    if (cnt[m] > 0) printf "| WAL batches whose oldest request waited over 50 ms / over 1 s, queued → durable (same worker) | %d / %d of %d |\n", over(m, "0.05"), over(m, "1"), cnt[m]
+    m = "csms_wal_append_seconds"
+    if (cnt[m] > 0) printf "| WAL appends over 50 ms / over 1 s as the session sees them, until it runs again (same worker) | %d / %d of %d |\n", over(m, "0.05"), over(m, "1"), cnt[m]
+    m = "csms_runtime_probe_delay_seconds"
+    if (cnt[m] > 0) printf "| server runtime wake-up delay over 50 ms / 100 ms / 1 s (10 ms probe, same worker) | %d / %d / %d of %d |\n", over(m, "0.05"), over(m, "0.1"), over(m, "1"), cnt[m]
   }' || true
 TICKS=$(getconf CLK_TCK)
 echo "| server CPU time during the run (user + system, all workers) | $(awk -v a="$CPU_BEFORE" -v b="$(server_cpu)" -v t="$TICKS" 'BEGIN {printf "%.1f s", (b - a) / t}') |"

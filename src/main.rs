@@ -295,11 +295,9 @@ fn real_main() -> Result<()> {
         smtp_cfg.url = Some(u.clone());
     }
     let threads = match &cli.command {
-        Command::Loadgen(a) if a.worker_index.is_some() => Some(
-            config
-                .runtime_threads
-                .unwrap_or_else(|| share_of_cores(a.processes)),
-        ),
+        Command::Loadgen(a) if a.worker_index.is_some() => {
+            Some(threads_per_process(&config, a.processes))
+        }
         _ => config.runtime_threads,
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -725,8 +723,8 @@ async fn run_pipeline(
 /// WAL and node id, sharing the ports, the data directory, Redis and the
 /// secret under which they share password verifications. A worker
 /// that dies is restarted; SIGINT/SIGTERM stop them all gracefully.
-/// Each worker's runtime gets its share of the cores (`share_of_cores`)
-/// unless `runtime_threads` says otherwise.
+/// Each worker's runtime gets its share of the cores
+/// (`threads_per_process`).
 async fn run_workers(n: u32, config: &Config) -> Result<()> {
     if config.redis_url.is_none() {
         bail!(
@@ -756,9 +754,7 @@ async fn run_workers(n: u32, config: &Config) -> Result<()> {
         .verification_secret
         .clone()
         .unwrap_or_else(ingest::shared_auth::random_secret);
-    let threads = config
-        .runtime_threads
-        .unwrap_or_else(|| share_of_cores(n as usize));
+    let threads = threads_per_process(config, n as usize);
     let spawn = |i: u32| {
         tokio::process::Command::new(&exe)
             .args(&args)
@@ -809,14 +805,16 @@ async fn run_workers(n: u32, config: &Config) -> Result<()> {
 }
 
 /// Runtime threads for one of `processes` processes that share this box
-/// (workers of `csms serve --workers`, `csms loadgen --processes`): its
-/// share of the cores, at least one. More threads than cores only add
-/// context switches and cross-thread wake-ups: in the 100,000-station
-/// storm, 6 workers of one thread each used 72-86 s of CPU where 6 of
-/// two used 89-92 s.
-fn share_of_cores(processes: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / processes.max(1)).max(1)
+/// (workers of `csms serve --workers`, `csms loadgen --processes`):
+/// `runtime_threads` when set, else its share of the cores, at least one.
+/// More threads than cores only add context switches and cross-thread
+/// wake-ups: in the 100,000-station storm, 6 workers of one thread each
+/// used 72-86 s of CPU where 6 of two used 89-92 s.
+fn threads_per_process(config: &Config, processes: usize) -> usize {
+    config.runtime_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / processes.max(1)).max(1)
+    })
 }
 
 async fn simulate(config: &Config, a: SimulateArgs) -> Result<()> {
