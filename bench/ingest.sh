@@ -232,6 +232,16 @@ curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS
       if (m == "csms_call_seconds") a_n[label($0, "action")] += $NF
     }
   }
+  # A runtime profiling build (src/runtime_profile.rs) adds these.
+  /^csms_task_polls_total /                    { polls = $NF }
+  /^csms_task_schedule_latency_over_total[{]/  { lat[label($0, "le")] = $NF }
+  /^csms_task_poll_over_total[{]/              { pol[label($0, "le")] = $NF }
+  /^csms_task_late_polls_total[{]/             { if ($NF > 0) late = late sprintf("%s%s %d", (late == "" ? "" : "; "), label($0, "spawned_at"), $NF) }
+  /^csms_task_long_polls_total[{]/             { if ($NF > 0) longn[label($0, "spawned_at")] = $NF }
+  /^csms_task_long_poll_ms_total[{]/           { longms[label($0, "spawned_at")] = $NF }
+  /^csms_runtime_worker_[a-z_]+_total[{]/      { k = $1; sub(/[{].*/, "", k); sub(/^csms_runtime_worker_/, "", k); sub(/_total$/, "", k); wk[label($0, "worker"), k] = $NF; nw = (label($0, "worker") + 1 > nw ? label($0, "worker") + 1 : nw) }
+  /^csms_runtime_[a-z]+_queue_depth_max /      { k = $1; sub(/^csms_runtime_/, "", k); sub(/_queue_depth_max$/, "", k); qmax[k] = $NF }
+  /^csms_runtime_[a-z]+_queue_samples_over_total[{]/ { k = $1; sub(/^csms_runtime_/, "", k); sub(/_queue_samples.*/, "", k); qover[k, label($0, "depth")] = $NF }
   END {
     c = "csms_call_seconds"; n = cnt[c]
     if (n > 0) printf "| server-side CALL time over 50 ms / over 1 s (csms_call_seconds, one worker of %d) | %d / %d of %d (%.4f%% / %.4f%%) |\n", w, over(c, "0.05"), over(c, "1"), n, 100 * over(c, "0.05") / n, 100 * over(c, "1") / n
@@ -246,6 +256,18 @@ curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS
     if (cnt[m] > 0) printf "| WAL appends over 50 ms / over 1 s as the session sees them, until it runs again (same worker) | %d / %d of %d |\n", over(m, "0.05"), over(m, "1"), cnt[m]
     m = "csms_runtime_probe_delay_seconds"
     if (cnt[m] > 0) printf "| server runtime wake-up delay over 50 ms / 100 ms / 1 s (10 ms probe, same worker) | %d / %d / %d of %d |\n", over(m, "0.05"), over(m, "0.1"), over(m, "1"), cnt[m]
+    if (polls > 0) {
+      printf "| profiling: task polls that waited ≥ 1 ms / 10 ms / 50 ms / 250 ms / 1 s since woken (same worker) | %d / %d / %d / %d / %d of %d |\n", lat["0.001"], lat["0.01"], lat["0.05"], lat["0.25"], lat["1"], polls
+      printf "| profiling: polls that took ≥ 0.1 ms / 1 ms / 5 ms / 50 ms | %d / %d / %d / %d |\n", pol["0.0001"], pol["0.001"], pol["0.005"], pol["0.05"]
+      printf "| profiling: waited ≥ 50 ms, by spawn site | %s |\n", (late == "" ? "none" : late)
+      by = ""
+      for (k in longn) by = by sprintf("%s%s %d (%d ms)", (by == "" ? "" : "; "), k, longn[k], longms[k])
+      printf "| profiling: polls ≥ 5 ms, by spawn site | %s |\n", (by == "" ? "none" : by)
+      by = ""
+      for (w = 0; w < nw; w++) by = by sprintf("%sworker %d: %d polls, %d steals, %d overflows, %d parks, %d s busy", (w ? "; " : ""), w, wk[w, "polls"], wk[w, "steals"], wk[w, "overflows"], wk[w, "parks"], wk[w, "busy_seconds"])
+      printf "| profiling: workers | %s |\n", by
+      printf "| profiling: deepest global / local run queue; 10 ms samples with global ≥ 10 / 100 / 1000, local ≥ 10 / 100 / 1000 | %d / %d; %d / %d / %d, %d / %d / %d |\n", qmax["global"], qmax["local"], qover["global", "10"], qover["global", "100"], qover["global", "1000"], qover["local", "10"], qover["local", "100"], qover["local", "1000"]
+    }
   }' || true
 TICKS=$(getconf CLK_TCK)
 echo "| server CPU time during the run (user + system, all workers) | $(awk -v a="$CPU_BEFORE" -v b="$(server_cpu)" -v t="$TICKS" 'BEGIN {printf "%.1f s", (b - a) / t}') |"

@@ -3,6 +3,7 @@
 //! configuration and reports errors in words that say what to fix.
 
 mod log_writer;
+mod runtime_profile;
 mod workflows_cli;
 
 use std::path::PathBuf;
@@ -304,7 +305,8 @@ fn real_main() -> Result<()> {
     if let Some(n) = threads {
         runtime.worker_threads(n);
     }
-    if matches!(cli.command, Command::Serve { .. } | Command::Ingest) && threads == Some(1) {
+    let node = matches!(cli.command, Command::Serve { .. } | Command::Ingest);
+    if node && threads == Some(1) {
         // On one thread, tasks woken from outside the runtime first. For a
         // node those are above all sessions whose CALL the WAL thread has
         // just made durable, one write away from their answer. With the
@@ -316,7 +318,13 @@ fn real_main() -> Result<()> {
         // server time goes"), so there the default stays.
         runtime.global_queue_interval(1);
     }
+    if node {
+        runtime_profile::instrument(&mut runtime);
+    }
     let runtime = runtime.enable_all().build()?;
+    if node {
+        runtime_profile::start(runtime.handle());
+    }
     let settings = workflows_cli::Settings {
         workflows: workflows_cfg,
         alerts: alerts_cfg,

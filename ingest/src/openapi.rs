@@ -50,7 +50,7 @@ fn station_schema() -> Value {
             "registered": { "type": "boolean" },
             "connected": { "type": "boolean" },
             "node": { "type": ["string", "null"] },
-            "last_seen": { "type": ["string", "null"], "format": "date-time" },
+            "last_seen": { "type": ["string", "null"], "format": "date-time", "description": "last connect, disconnect or answered CALL; CALLs move it at most once a second" },
             "ocpp_version": { "type": ["string", "null"], "enum": ["1.6", "2.0.1", "2.1", null] },
             "boot": { "type": ["object", "null"] },
             "connectors": { "type": "array", "items": {

@@ -316,7 +316,9 @@ pub async fn start_with(
 /// session runtime it would hold one of its few worker threads for the
 /// length of a flush, and every station whose task sits behind it would
 /// wait. Apart, the OS shares the cores and no session task is stuck behind
-/// a flush. The returned handle completes when the writer has stopped.
+/// a flush; at a lower priority ([`LAKE_NICE`]) it also leaves them the
+/// cores while they need them. The returned handle completes when the
+/// writer has stopped.
 fn spawn_lake_writer(
     writer: LakeWriter,
     shutdown: CancellationToken,
@@ -326,8 +328,41 @@ fn spawn_lake_writer(
         .thread_name("csms-lake")
         .build()?;
     Ok(tokio::task::spawn_blocking(move || {
-        runtime.block_on(writer.run(shutdown))
+        // A thread of the blocking pool: back to its priority afterwards
+        // where the OS lets it (lowering nice needs privilege; the node is
+        // stopping by then anyway).
+        let restore = lower_thread_priority(LAKE_NICE);
+        runtime.block_on(writer.run(shutdown));
+        if let Some(nice) = restore {
+            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+        }
     }))
+}
+
+/// How much nicer than the node the lake writer's thread runs. A flush is a
+/// burst of CPU (Parquet encoding: about half a second per 200,000-row
+/// flush here); at the node's priority it took one of two cores from the
+/// sessions, and at 20,000 CALLs/s every runtime queue over 1,000 tasks
+/// deep fell in the half second before a commit (bench/README.md). Nice 10
+/// gets about a tenth of a session thread's share while the cores are
+/// contended and all idle CPU otherwise; the WAL holds what waits.
+const LAKE_NICE: i32 = 10;
+
+/// Raises the calling thread's nice value by `by` (Linux: priorities are
+/// per thread, and threads it spawns inherit them). Returns the previous
+/// value, or `None` (logged) if the OS refused.
+fn lower_thread_priority(by: i32) -> Option<i32> {
+    let tid = Some(rustix::thread::gettid());
+    let result = rustix::process::getpriority_process(tid).and_then(|nice| {
+        rustix::process::setpriority_process(tid, (nice + by).min(19)).map(|()| nice)
+    });
+    match result {
+        Ok(nice) => Some(nice),
+        Err(e) => {
+            warn!(error = %e, "could not lower the lake writer's priority; it competes with sessions for CPU");
+            None
+        }
+    }
 }
 
 /// The accept queue asked for; Linux's maximum.
@@ -396,4 +431,25 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lake_thread_priority_is_lowered_and_restorable() {
+        std::thread::spawn(|| {
+            let tid = Some(rustix::thread::gettid());
+            let before = rustix::process::getpriority_process(tid).unwrap();
+            let previous = lower_thread_priority(3).expect("raising nice needs no privilege");
+            assert_eq!(previous, before);
+            let now = rustix::process::getpriority_process(tid).unwrap();
+            assert_eq!(now, (before + 3).min(19));
+            // Lowering nice again needs privilege; the thread ends anyway.
+            rustix::process::setpriority_process(tid, previous).ok();
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -72,3 +72,52 @@ async fn newer_connection_replaces_the_older() {
         .unwrap();
     assert_eq!(r.json().unwrap()["connected"], true, "{}", r.text());
 }
+
+/// `last_seen` follows a station's CALLs, written at most once a second
+/// per connection (each write is a Redis script call when status is shared).
+#[tokio::test]
+async fn last_seen_follows_calls_once_a_second() {
+    let server = TestServer::builder()
+        .env("CSMS_ALLOW_UNKNOWN", "true")
+        .start()
+        .await;
+    let last_seen = || async {
+        let r = server
+            .admin_request("GET", "/api/stations/SEEN", None)
+            .await
+            .unwrap();
+        let v = r.json().unwrap();
+        let at = v["last_seen"].as_str().unwrap_or_else(|| panic!("{v}"));
+        chrono::DateTime::parse_from_rfc3339(at).unwrap()
+    };
+    let mut cp = server.connect("SEEN", "ocpp1.6", None).await.unwrap();
+    cp.heartbeat_ok("h1").await.unwrap();
+    // The status update follows the answer; give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let first = last_seen().await;
+    cp.heartbeat_ok("h2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        last_seen().await,
+        first,
+        "a CALL within the second moved it"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cp.heartbeat_ok("h3").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = last_seen().await;
+        if now > first {
+            assert!(
+                now - first >= chrono::Duration::milliseconds(1000),
+                "{first} → {now}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "last_seen stayed at {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -816,6 +816,7 @@ impl Inner {
             .iter()
             .map(|e| (e.key().clone(), e.value().0.clone(), e.value().1.clone()))
             .collect();
+        tracing::debug!(stations = held.len(), "re-asserting presence");
         for (station, node, version) in held {
             self.enqueue(
                 OpKey::Presence(station),
