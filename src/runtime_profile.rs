@@ -120,9 +120,13 @@ mod profiling {
                     });
                 }
             });
-        if std::env::var_os("CSMS_PROFILE_DISABLE_LIFO").is_some_and(|v| v == "1") {
+        if lifo_disabled() {
             runtime.disable_lifo_slot();
         }
+    }
+
+    fn lifo_disabled() -> bool {
+        std::env::var_os("CSMS_PROFILE_DISABLE_LIFO").is_some_and(|v| v == "1")
     }
 
     /// Starts the thread that samples the runtime's queues and publishes
@@ -134,7 +138,7 @@ mod profiling {
             .spawn(move || sample(handle));
         match spawned {
             Ok(_) => tracing::info!(
-                lifo_slot = std::env::var_os("CSMS_PROFILE_DISABLE_LIFO").is_none_or(|v| v != "1"),
+                lifo_slot = !lifo_disabled(),
                 "runtime profiling on (tokio_unstable build)"
             ),
             Err(e) => tracing::warn!(error = %e, "runtime profiling thread did not start"),
