@@ -264,7 +264,7 @@ curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v w="$WORKERS
       for (k in longn) by = by sprintf("%s%s %d (%d ms)", (by == "" ? "" : "; "), k, longn[k], longms[k])
       printf "| profiling: polls ≥ 5 ms, by spawn site | %s |\n", (by == "" ? "none" : by)
       by = ""
-      for (w = 0; w < nw; w++) by = by sprintf("%sworker %d: %d polls, %d steals, %d overflows, %d parks, %d s busy", (w ? "; " : ""), w, wk[w, "polls"], wk[w, "steals"], wk[w, "overflows"], wk[w, "parks"], wk[w, "busy_seconds"])
+      for (i = 0; i < nw; i++) by = by sprintf("%sworker %d: %d polls, %d steals, %d overflows, %d parks, %d s busy", (i ? "; " : ""), i, wk[i, "polls"], wk[i, "steals"], wk[i, "overflows"], wk[i, "parks"], wk[i, "busy_seconds"])
       printf "| profiling: workers | %s |\n", by
       printf "| profiling: deepest global / local run queue; 10 ms samples with global ≥ 10 / 100 / 1000, local ≥ 10 / 100 / 1000 | %d / %d; %d / %d / %d, %d / %d / %d |\n", qmax["global"], qmax["local"], qover["global", "10"], qover["global", "100"], qover["global", "1000"], qover["local", "10"], qover["local", "100"], qover["local", "1000"]
     }

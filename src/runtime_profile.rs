@@ -54,8 +54,10 @@ mod profiling {
     const LATE: Duration = Duration::from_millis(50);
     /// A poll this long is named in `csms_task_long_polls_total`.
     const LONG: Duration = Duration::from_millis(5);
+    /// A global run queue this deep is logged (`runtime queue deep`).
+    const DEEP: usize = 1000;
     /// Queue depths counted in `csms_runtime_*_queue_samples_over_total`.
-    const DEPTH_OVER: [usize; 3] = [10, 100, 1000];
+    const DEPTH_OVER: [usize; 3] = [10, 100, DEEP];
 
     type Site = &'static Location<'static>;
 
@@ -164,7 +166,7 @@ mod profiling {
             let local: usize = (0..metrics.num_workers())
                 .map(|w| metrics.worker_local_queue_depth(w))
                 .sum();
-            if global >= DEPTH_OVER[2] && last_deep_log.elapsed() >= Duration::from_secs(1) {
+            if global >= DEEP && last_deep_log.elapsed() >= Duration::from_secs(1) {
                 last_deep_log = Instant::now();
                 tracing::warn!(global, local, "runtime queue deep");
             }

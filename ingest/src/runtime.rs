@@ -59,7 +59,8 @@ pub struct Running {
     /// command jobs use it, as the HTTP API does).
     pub router: crate::router::CommandRouter,
     tasks: Vec<JoinHandle<()>>,
-    lake_task: JoinHandle<()>,
+    /// Resolves (to an error if it panicked) when the lake writer stopped.
+    lake_stopped: tokio::sync::oneshot::Receiver<()>,
     _wal: Wal,
 }
 
@@ -70,7 +71,7 @@ impl Running {
         for t in self.tasks {
             t.abort();
         }
-        let _ = self.lake_task.await;
+        let _ = self.lake_stopped.await;
         if !self
             .node
             .status
@@ -294,7 +295,7 @@ pub async fn start_with(
         }
     }));
 
-    let lake_task = spawn_lake_writer(lake_writer, shutdown.clone())
+    let lake_stopped = spawn_lake_writer(lake_writer, shutdown.clone())
         .map_err(|e| StartError::Component(format!("starting the lake writer thread: {e}")))?;
     info!(%ocpp_addr, ?ocpp_tls_addr, %http_addr, node = %node_id, "csms node listening");
     Ok(Running {
@@ -305,7 +306,7 @@ pub async fn start_with(
         shutdown,
         router,
         tasks,
-        lake_task,
+        lake_stopped,
         _wal: wal,
     })
 }
@@ -317,26 +318,26 @@ pub async fn start_with(
 /// length of a flush, and every station whose task sits behind it would
 /// wait. Apart, the OS shares the cores and no session task is stuck behind
 /// a flush; at a lower priority ([`LAKE_NICE`]) it also leaves them the
-/// cores while they need them. The returned handle completes when the
-/// writer has stopped.
+/// cores while they need them. A thread of its own rather than one of the
+/// blocking pool, which would keep that priority for whatever it ran next.
+/// The returned receiver resolves when the writer has stopped.
 fn spawn_lake_writer(
     writer: LakeWriter,
     shutdown: CancellationToken,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("csms-lake")
         .build()?;
-    Ok(tokio::task::spawn_blocking(move || {
-        // A thread of the blocking pool: back to its priority afterwards
-        // where the OS lets it (lowering nice needs privilege; the node is
-        // stopping by then anyway).
-        let restore = lower_thread_priority(LAKE_NICE);
-        runtime.block_on(writer.run(shutdown));
-        if let Some(nice) = restore {
-            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
-        }
-    }))
+    let (stopped, lake_stopped) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("csms-lake".into())
+        .spawn(move || {
+            lower_thread_priority(LAKE_NICE);
+            runtime.block_on(writer.run(shutdown));
+            let _ = stopped.send(());
+        })?;
+    Ok(lake_stopped)
 }
 
 /// How much nicer than the node the lake writer's thread runs. A flush is a
@@ -349,12 +350,13 @@ fn spawn_lake_writer(
 const LAKE_NICE: i32 = 10;
 
 /// Raises the calling thread's nice value by `by` (Linux: priorities are
-/// per thread, and threads it spawns inherit them). Returns the previous
-/// value, or `None` (logged) if the OS refused.
+/// per thread, and threads it spawns inherit them). Returns the new value,
+/// or `None` (logged) if the OS refused.
 fn lower_thread_priority(by: i32) -> Option<i32> {
     let tid = Some(rustix::thread::gettid());
     let result = rustix::process::getpriority_process(tid).and_then(|nice| {
-        rustix::process::setpriority_process(tid, (nice + by).min(19)).map(|()| nice)
+        let lower = (nice + by).min(19);
+        rustix::process::setpriority_process(tid, lower).map(|()| lower)
     });
     match result {
         Ok(nice) => Some(nice),
@@ -438,16 +440,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lake_thread_priority_is_lowered_and_restorable() {
+    fn lake_thread_priority_is_lowered() {
+        // A thread of its own: lowering nice again would need privilege.
         std::thread::spawn(|| {
             let tid = Some(rustix::thread::gettid());
             let before = rustix::process::getpriority_process(tid).unwrap();
-            let previous = lower_thread_priority(3).expect("raising nice needs no privilege");
-            assert_eq!(previous, before);
+            let reported = lower_thread_priority(3).expect("raising nice needs no privilege");
+            assert_eq!(reported, (before + 3).min(19));
             let now = rustix::process::getpriority_process(tid).unwrap();
             assert_eq!(now, (before + 3).min(19));
-            // Lowering nice again needs privilege; the thread ends anyway.
-            rustix::process::setpriority_process(tid, previous).ok();
         })
         .join()
         .unwrap();
