@@ -306,19 +306,15 @@ fn real_main() -> Result<()> {
         runtime.worker_threads(n);
     }
     let node = matches!(cli.command, Command::Serve { .. } | Command::Ingest);
-    if node && threads == Some(1) {
-        // On one thread, tasks woken from outside the runtime first. For a
-        // node those are above all sessions whose CALL the WAL thread has
-        // just made durable, one write away from their answer. With the
-        // default (one such task per few dozen local polls) a busy runtime
-        // kept them waiting: at 20,000 CALLs/s on one runtime thread, 44 %
-        // of CALLs waited over 50 ms between durable and answered, 2.7 %
-        // with this. On two threads it measured no better than the default
-        // (2.8 % and 5.7 % against 1.9 %; bench/README.md, "Where a CALL's
-        // server time goes"), so there the default stays.
-        runtime.global_queue_interval(1);
-    }
     if node {
+        // See ONE_THREAD_GLOBAL_QUEUE_INTERVAL: what a node's answers wait
+        // for on a single runtime thread; with more, tokio's default measured
+        // no worse (bench/README.md, "Where a CALL's server time goes").
+        let one_thread =
+            (threads == Some(1)).then_some(ingest::config::ONE_THREAD_GLOBAL_QUEUE_INTERVAL);
+        if let Some(n) = config.runtime_global_queue_interval.or(one_thread) {
+            runtime.global_queue_interval(n);
+        }
         runtime_profile::instrument(&mut runtime);
     }
     let runtime = runtime.enable_all().build()?;

@@ -112,6 +112,13 @@ pub struct Config {
     /// unset: one per core, or for each of `csms serve --workers N`, its
     /// share of the cores (at least one).
     pub runtime_threads: Option<usize>,
+    /// How often (in tasks polled) a runtime thread of a node takes its
+    /// next task from the global queue, where tasks woken from other
+    /// threads wait (above all sessions whose frames the WAL thread has
+    /// just made durable), before its own queue
+    /// (`CSMS_RUNTIME_GLOBAL_QUEUE_INTERVAL`); unset: tokio's default, or
+    /// on a runtime of one thread [`ONE_THREAD_GLOBAL_QUEUE_INTERVAL`].
+    pub runtime_global_queue_interval: Option<u32>,
     pub ocpp: OcppConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
@@ -140,6 +147,7 @@ impl Default for Config {
             allow_unknown: false,
             worker_index: None,
             runtime_threads: None,
+            runtime_global_queue_interval: None,
             ocpp: OcppConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -150,6 +158,17 @@ impl Default for Config {
         }
     }
 }
+
+/// The global queue interval of a node's runtime when it has one thread
+/// (see [`Config::runtime_global_queue_interval`]). On one thread tokio's
+/// default (the global queue once per few dozen local polls) kept sessions
+/// the WAL had answered waiting: at 20,000 CALLs/s 44 % of CALLs waited
+/// over 50 ms between durable and answered. 1 (the global queue always
+/// first) fixed that, but in a reconnect storm it starved the local queue
+/// (timers, sockets just readable) for as long as the WAL kept the global
+/// one fed: admission control's own probe went 20 s without running
+/// (bench/README.md).
+pub const ONE_THREAD_GLOBAL_QUEUE_INTERVAL: u32 = 2;
 
 /// Environment variables with names of their own, and the setting each sets.
 const NAMED_ENV: &[(&str, &[&str])] = &[
@@ -223,6 +242,12 @@ impl Config {
         if self.runtime_threads == Some(0) {
             return Err(ConfigError::Invalid(
                 "runtime_threads (CSMS_RUNTIME_THREADS) must be at least 1; unset it for one per core"
+                    .into(),
+            ));
+        }
+        if self.runtime_global_queue_interval == Some(0) {
+            return Err(ConfigError::Invalid(
+                "runtime_global_queue_interval (CSMS_RUNTIME_GLOBAL_QUEUE_INTERVAL) must be at least 1; unset it for the default"
                     .into(),
             ));
         }
@@ -329,6 +354,12 @@ pub fn layered_table(
             set_path(&mut table, &["worker_index"], scalar(&value));
         } else if key == "CSMS_RUNTIME_THREADS" {
             set_path(&mut table, &["runtime_threads"], scalar(&value));
+        } else if key == "CSMS_RUNTIME_GLOBAL_QUEUE_INTERVAL" {
+            set_path(
+                &mut table,
+                &["runtime_global_queue_interval"],
+                scalar(&value),
+            );
         } else if let Some(rest) = key.strip_prefix("CSMS_")
             && let Some((section, field)) = rest.split_once("__")
         {
@@ -456,6 +487,11 @@ mod tests {
         assert!(e.contains("CSMS_RUNTIME_THREADS"), "{e}");
         let c = Config::load_from(None, env(&[("CSMS_RUNTIME_THREADS", "3")])).unwrap();
         assert_eq!(c.runtime_threads, Some(3));
+        let e = refusal(&[("CSMS_RUNTIME_GLOBAL_QUEUE_INTERVAL", "0")]);
+        assert!(e.contains("CSMS_RUNTIME_GLOBAL_QUEUE_INTERVAL"), "{e}");
+        let c =
+            Config::load_from(None, env(&[("CSMS_RUNTIME_GLOBAL_QUEUE_INTERVAL", "4")])).unwrap();
+        assert_eq!(c.runtime_global_queue_interval, Some(4));
         let c = Config::load_from(
             None,
             env(&[("CSMS_VERIFICATION_SECRET", "a fleet secret 0123456789")]),

@@ -1,8 +1,9 @@
 //! The ingest tier: chargers connect here over OCPP-J WebSockets.
 //!
 //! # Layout
-//! - [`admission`]: admission control under saturation (accept pacing and
-//!   Pending boots, driven by the runtime's scheduling lag).
+//! - [`admission`]: admission control under saturation (a bounded number of
+//!   connections in admission; accept pacing and Pending boots driven by the
+//!   runtime's scheduling lag).
 //! - [`bench`]: the WAL benchmark behind `csms bench wal`.
 //! - [`config`]: the one configuration struct (defaults, TOML, environment).
 //! - [`server`]: TCP/TLS accept loop and the WebSocket upgrade (subprotocol,

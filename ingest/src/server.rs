@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    admission::Admission,
+    admission::{Admission, AdmissionSlot},
     config::Config,
     handlers::Handlers,
     limits::{AddressLimiter, record_limit},
@@ -67,8 +67,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     loop {
-        // Paced while the node is saturated: a connection not yet accepted
-        // waits in the kernel's queue, where it costs the node nothing.
+        // Bounded and paced while the node is saturated: a connection not
+        // yet accepted waits in the kernel's queue, where it costs the node
+        // nothing.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = node.admission.slot() => slot,
+        };
         let wait = node.admission.admit_delay();
         if !wait.is_zero() {
             tokio::select! {
@@ -88,27 +93,37 @@ pub async fn serve(
                 }
             },
         };
+        let mut slot = slot;
+        node.admission.hold_from_now(&mut slot);
         let node = node.clone();
         let tls = tls.clone();
-        tokio::spawn(async move { accept_one(node, tcp, peer, tls).await });
+        tokio::spawn(async move { accept_one(node, tcp, peer, tls, slot).await });
     }
 }
 
-/// Counts a connection from accept until its session ends, however it ends.
-pub struct ConnGuard(Arc<Node>);
+/// Counts a connection from accept until its session ends, however it ends,
+/// and holds its admission slot until the session gives it back.
+pub struct ConnGuard {
+    node: Arc<Node>,
+    pub(crate) slot: AdmissionSlot,
+}
 
 impl ConnGuard {
     /// Counts a new connection; returns the guard and the count with it.
-    pub(crate) fn new(node: &Arc<Node>) -> (Self, usize) {
+    pub(crate) fn new(node: &Arc<Node>, slot: AdmissionSlot) -> (Self, usize) {
         let count = node.connections.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!("csms_connections").increment(1.0);
-        (ConnGuard(node.clone()), count)
+        let guard = ConnGuard {
+            node: node.clone(),
+            slot,
+        };
+        (guard, count)
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.node.connections.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("csms_connections").decrement(1.0);
     }
 }
@@ -116,9 +131,15 @@ impl Drop for ConnGuard {
 /// Upgrades one connection, then hands it to a session task of its own: the
 /// session task is then sized for the session alone, not for the handshake
 /// (nor, on plain TCP, for the TLS variant of this function).
-async fn accept_one(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+async fn accept_one(
+    node: Arc<Node>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    slot: AdmissionSlot,
+) {
     let _ = tcp.set_nodelay(true);
-    let (guard, count) = ConnGuard::new(&node);
+    let (mut guard, count) = ConnGuard::new(&node, slot);
     if count > node.config.limits.max_connections {
         record_limit("connections");
         let mut tcp = tcp;
@@ -127,12 +148,14 @@ async fn accept_one(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, tls: Opti
     }
     match tls {
         None => {
-            if let Some((ws, up)) = handshake(&node, tcp, peer, None).await {
+            let upgraded = guard.slot.during(handshake(&node, tcp, peer, None)).await;
+            if let Some((ws, up)) = upgraded {
                 start_session(node, ws, up, guard);
             }
         }
         Some(acceptor) => {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let stream = match guard.slot.during(accepted).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -147,7 +170,11 @@ async fn accept_one(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, tls: Opti
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| crate::tls::station_from_client_cert(c.as_ref()));
-            if let Some((ws, up)) = handshake(&node, stream, peer, cert_station).await {
+            let upgraded = guard
+                .slot
+                .during(handshake(&node, stream, peer, cert_station))
+                .await;
+            if let Some((ws, up)) = upgraded {
                 start_session(node, ws, up, guard);
             }
         }

@@ -244,7 +244,9 @@ struct Session<S> {
     seen_reported: Option<Instant>,
     conn_id: u64,
     mailbox: Arc<Mailbox>,
-    _conn: ConnGuard,
+    /// Counts the connection; holds its admission slot until the first
+    /// message is answered.
+    conn: ConnGuard,
 }
 
 /// Registers a station's session and returns the future that runs it until
@@ -296,7 +298,7 @@ where
         seen_reported: None,
         conn_id,
         mailbox,
-        _conn: conn,
+        conn,
     };
     drive(s)
 }
@@ -312,7 +314,10 @@ where
     // large as its largest await point, and this one waits idle for hours.
     let reason = loop {
         let deadline = s.pending.as_ref().map(|p| p.deadline);
-        let wake = deadline.map_or(next_ping, |d| d.min(next_ping));
+        let wake = [deadline, s.conn.slot.deadline()]
+            .into_iter()
+            .flatten()
+            .fold(next_ping, |a, b| a.min(b));
         let event = tokio::select! {
             r = s.ws.read() => Event::Frame(r),
             cmd = s.mailbox.recv() => Event::Cmd(cmd),
@@ -322,7 +327,12 @@ where
             Event::Frame(Ok(m)) => {
                 s.last_rx = Instant::now();
                 match m {
-                    Incoming::Text(t) => Box::pin(s.on_text(&t)).await,
+                    Incoming::Text(t) => {
+                        let flow = Box::pin(s.on_text(&t)).await;
+                        // Its first message answered: the station is in.
+                        s.conn.slot.release();
+                        flow
+                    }
                     Incoming::Binary(_) => {
                         Box::pin(s.on_unparseable("binary frames are not OCPP-J")).await
                     }
@@ -377,6 +387,7 @@ where
             }
             Event::Timer => {
                 let now = tokio::time::Instant::now();
+                s.conn.slot.expire(now);
                 if deadline.is_some_and(|d| d <= now) {
                     if let Some(p) = s.pending.take() {
                         let timeout = Duration::from_secs(s.node.config.ocpp.call_timeout_secs);
@@ -860,7 +871,7 @@ mod tests {
             .await
             .unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
-        let (guard, _) = ConnGuard::new(&node);
+        let (guard, _) = ConnGuard::new(&node, crate::admission::AdmissionSlot::none());
         let ws = WsConn::new(tcp, Vec::new(), 65_536);
         let fut = run(node.clone(), ws, "CP1".into(), OcppVersion::V16, guard);
         let size = std::mem::size_of_val(&fut);

@@ -393,6 +393,16 @@ impl fmt::Display for Report {
                 "loadgen's own runtime lag p50 / p99 / p99.999 / max".into(),
                 latency_line(&s.runtime_lag, "10 ms timer samples"),
             ));
+            // On the same clock as the slow CALLs: do they fall together?
+            if let Some(line) = slow_calls_line(&s.lag_spikes, s.run_started_unix) {
+                rows.push((
+                    format!(
+                        "loadgen's lag over {} ms, by second",
+                        stats::LAG_SPIKE.as_millis()
+                    ),
+                    line,
+                ));
+            }
         }
         if a.mode == Mode::Storm {
             rows.push((

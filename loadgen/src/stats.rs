@@ -84,7 +84,13 @@ pub struct Stats {
     /// stations are connected: the part of a measured CALL latency that is
     /// the load generator's own delay (it shares the cores with the server).
     runtime_lag: Mutex<Histogram<u64>>,
+    /// When the lag probe woke [`LAG_SPIKE`] or more late (unix seconds), to
+    /// line the load generator's own stalls up with the slow CALLs.
+    lag_spikes: Mutex<BTreeMap<u64, u64>>,
 }
+
+/// A lag probe this late is counted by the second it woke in.
+pub const LAG_SPIKE: Duration = Duration::from_millis(250);
 
 /// A CALL this slow is counted by the second it was answered in, so the
 /// report can tell a steady tail from a stall.
@@ -114,6 +120,7 @@ impl Default for Stats {
             slow_calls: Mutex::new(BTreeMap::new()),
             connect_latency: Mutex::new(new_histogram()),
             runtime_lag: Mutex::new(new_histogram()),
+            lag_spikes: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -124,12 +131,7 @@ impl Stats {
     pub fn record_latency(&self, d: Duration, boot: bool) {
         record(&self.latency, d);
         if d >= SLOW_CALL {
-            *self
-                .slow_calls
-                .lock()
-                .expect("slow calls lock")
-                .entry(unix_secs())
-                .or_default() += 1;
+            count_this_second(&self.slow_calls);
         }
         if boot {
             record(&self.boot_latency, d);
@@ -144,6 +146,9 @@ impl Stats {
     /// Records how late the runtime woke the lag probe's timer.
     pub fn record_lag(&self, d: Duration) {
         record(&self.runtime_lag, d);
+        if d >= LAG_SPIKE {
+            count_this_second(&self.lag_spikes);
+        }
     }
 
     pub fn record_call_error(&self, code: &str) {
@@ -206,13 +211,8 @@ impl Stats {
                 .expect("connect latency lock")
                 .clone(),
             runtime_lag: self.runtime_lag.lock().expect("lag lock").clone(),
-            slow_calls: self
-                .slow_calls
-                .lock()
-                .expect("slow calls lock")
-                .iter()
-                .map(|(t, n)| (*t, *n))
-                .collect(),
+            slow_calls: by_second(&self.slow_calls),
+            lag_spikes: by_second(&self.lag_spikes),
             run_answered: 0,
             run_secs: 0.0,
             run_started_unix: 0,
@@ -270,6 +270,9 @@ pub struct Summary {
     /// which serde cannot read integer map keys back.
     #[serde(default)]
     pub slow_calls: Vec<(u64, u64)>,
+    /// Lag probes [`LAG_SPIKE`] late or more, per unix second, the same way.
+    #[serde(default)]
+    pub lag_spikes: Vec<(u64, u64)>,
     /// CALLs answered during the measured run phase and its length: the
     /// throughput figure (connect and boot excluded).
     pub run_answered: u64,
@@ -310,11 +313,8 @@ impl Summary {
         self.runtime_lag
             .add(&o.runtime_lag)
             .map_err(StatsError::Merge)?;
-        let mut slow: BTreeMap<u64, u64> = self.slow_calls.drain(..).collect();
-        for (t, n) in &o.slow_calls {
-            *slow.entry(*t).or_default() += n;
-        }
-        self.slow_calls = slow.into_iter().collect();
+        merge_by_second(&mut self.slow_calls, &o.slow_calls);
+        merge_by_second(&mut self.lag_spikes, &o.lag_spikes);
         self.run_answered += o.run_answered;
         self.run_secs = self.run_secs.max(o.run_secs);
         self.run_started_unix = match (self.run_started_unix, o.run_started_unix) {
@@ -365,6 +365,28 @@ mod histogram_b64 {
     }
 }
 
+/// Counts one event in the current unix second.
+fn count_this_second(counts: &Mutex<BTreeMap<u64, u64>>) {
+    *counts
+        .lock()
+        .expect("per-second counts lock")
+        .entry(unix_secs())
+        .or_default() += 1;
+}
+
+fn by_second(counts: &Mutex<BTreeMap<u64, u64>>) -> Vec<(u64, u64)> {
+    let counts = counts.lock().expect("per-second counts lock");
+    counts.iter().map(|(t, n)| (*t, *n)).collect()
+}
+
+fn merge_by_second(into: &mut Vec<(u64, u64)>, other: &[(u64, u64)]) {
+    let mut merged: BTreeMap<u64, u64> = into.drain(..).collect();
+    for (t, n) in other {
+        *merged.entry(*t).or_default() += n;
+    }
+    *into = merged.into_iter().collect();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +427,11 @@ mod tests {
             sa.slow_calls.iter().map(|p| p.1).sum::<u64>(),
             1,
             "the 2 s CALL is slow"
+        );
+        assert_eq!(
+            sa.lag_spikes.iter().map(|p| p.1).sum::<u64>(),
+            1,
+            "the 1.5 s lag is a spike, the 0.2 ms one is not"
         );
         assert_eq!(sa.progress.answered, 100);
         assert!(sa.latency.max() >= 1_999_000, "{}", sa.latency.max());

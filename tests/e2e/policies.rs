@@ -1,8 +1,10 @@
 //! Boot and token policies set by configuration.
 
+use std::time::Duration;
+
 use anyhow::{Result, ensure};
 use serde_json::json;
-use tests::TestServer;
+use tests::{OcppClient, TestServer};
 
 /// The answer to a BootNotification of station POL1 (2.0.1) on a server
 /// started with `env`.
@@ -127,5 +129,40 @@ async fn saturated_node_defers_boots_with_its_own_interval() -> Result<()> {
         answer[2]["status"] == "Pending" && answer[2]["interval"] == 3,
         "expected Pending with the admission interval: {answer:?}"
     );
+    Ok(())
+}
+
+/// With one admission slot a second station is not upgraded while the first
+/// has not had its first message answered, and is right after it has.
+#[tokio::test]
+async fn one_admission_slot_admits_one_station_at_a_time() -> Result<()> {
+    let server = TestServer::builder()
+        .station("ADM1", Some("pw"))
+        .station("ADM2", Some("pw"))
+        .env("CSMS_ADMISSION__MAX_ADMITTING", "1")
+        .env("CSMS_ADMISSION__SLOT_HOLD_MS", "60000")
+        .start()
+        .await;
+    let boot = json!({"reason": "PowerUp", "chargingStation": {"model": "M", "vendorName": "V"}});
+    let mut first = server
+        .connect("ADM1", "ocpp2.0.1", Some(("ADM1", "pw")))
+        .await?;
+    let url = server.ocpp_url("ADM2");
+    let second = tokio::spawn(async move {
+        OcppClient::connect(&url, &["ocpp2.0.1"], Some(("ADM2", "pw"))).await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ensure!(
+        !second.is_finished(),
+        "the second station was upgraded while the only slot was held"
+    );
+    let answer = first.call("b1", "BootNotification", boot.clone()).await?;
+    ensure!(answer[2]["status"] == "Accepted", "{answer:?}");
+    let mut second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .map_err(|_| anyhow::anyhow!("the second station was not admitted after the first"))??
+        .map_err(|e| anyhow::anyhow!("second upgrade: {e}"))?;
+    let answer = second.call("b2", "BootNotification", boot).await?;
+    ensure!(answer[2]["status"] == "Accepted", "{answer:?}");
     Ok(())
 }
