@@ -427,6 +427,9 @@ impl Admission {
         let every = Duration::from_millis(self.inner.config.probe_interval_ms.max(1));
         let mut last = Instant::now();
         let mut last_warning: Option<Instant> = None;
+        // Stalls not logged since the last warning (rate limit): counted,
+        // so a second stall soon after the first is not invisible.
+        let (mut unlogged, mut unlogged_worst) = (0u64, Duration::ZERO);
         loop {
             let asked = Instant::now() + every;
             tokio::select! {
@@ -440,14 +443,26 @@ impl Admission {
             metrics::histogram!("csms_runtime_probe_delay_seconds").record(late.as_secs_f64());
             // A stall this long delays every station's answer on this node;
             // the log line's time says when, for lining it up with the rest.
-            if late >= STALL_WARNING && last_warning.is_none_or(|w| now - w >= STALL_WARNING_EVERY)
-            {
-                tracing::warn!(
-                    stalled_ms = late.as_millis() as u64,
-                    accept_rate = self.rate(),
-                    "session runtime stalled"
-                );
-                last_warning = Some(now);
+            if late >= STALL_WARNING {
+                if last_warning.is_none_or(|w| now - w >= STALL_WARNING_EVERY) {
+                    tracing::warn!(
+                        stalled_ms = late.as_millis() as u64,
+                        accept_rate = self.rate(),
+                        stalls_since_last_warning = unlogged,
+                        worst_since_last_warning_ms = unlogged_worst.as_millis() as u64,
+                        "session runtime stalled"
+                    );
+                    last_warning = Some(now);
+                    (unlogged, unlogged_worst) = (0, Duration::ZERO);
+                } else {
+                    tracing::debug!(
+                        stalled_ms = late.as_millis() as u64,
+                        accept_rate = self.rate(),
+                        "session runtime stalled"
+                    );
+                    unlogged += 1;
+                    unlogged_worst = unlogged_worst.max(late);
+                }
             }
             self.observe(late, now - last);
             last = now;

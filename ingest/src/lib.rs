@@ -5,6 +5,8 @@
 //!   connections in admission; accept pacing and Pending boots driven by the
 //!   runtime's scheduling lag).
 //! - [`bench`]: the WAL benchmark behind `csms bench wal`.
+//! - [`closer`]: the thread that closes finished connections' sockets, off
+//!   the session runtime.
 //! - [`config`]: the one configuration struct (defaults, TOML, environment).
 //! - [`server`]: TCP/TLS accept loop and the WebSocket upgrade (subprotocol,
 //!   station id, Basic auth, mTLS, abuse limits).
@@ -29,6 +31,7 @@
 
 pub mod admission;
 pub mod bench;
+pub mod closer;
 pub mod config;
 pub mod handlers;
 pub mod http;

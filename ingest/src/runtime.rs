@@ -4,10 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize},
-    },
+    sync::{Arc, atomic::AtomicU64},
 };
 
 use schemas::Catalog;
@@ -17,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     admission::Admission,
+    closer::Closer,
     config::{Config, ConfigError},
     handlers::Handlers,
     http::{self, ApiState},
@@ -180,8 +178,9 @@ pub async fn start_with(
         wal: wal_handle,
         status,
         sessions: Default::default(),
-        connections: AtomicUsize::new(0),
+        connections: Default::default(),
         next_conn_id: AtomicU64::new(1),
+        closer: Closer::spawn().map_err(|e| component("closer thread")(&e))?,
     });
 
     let shutdown = CancellationToken::new();

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::{Admission, AdmissionSlot},
+    closer::Closer,
     config::Config,
     handlers::Handlers,
     limits::{AddressLimiter, record_limit},
@@ -52,8 +53,11 @@ pub struct Node {
     pub sessions: Sessions,
     pub limiter: AddressLimiter,
     pub admission: Admission,
-    pub connections: AtomicUsize,
+    /// Open connections, counted by their [`ConnGuard`]s.
+    pub connections: Arc<AtomicUsize>,
     pub next_conn_id: AtomicU64,
+    /// Closes the sockets of ended sessions (see [`crate::closer`]).
+    pub closer: Closer,
 }
 
 const MAX_REQUEST_HEAD: usize = 8192;
@@ -101,20 +105,22 @@ pub async fn serve(
     }
 }
 
-/// Counts a connection from accept until its session ends, however it ends,
-/// and holds its admission slot until the session gives it back.
+/// Counts a connection from accept until its socket is closed, however its
+/// session ends, and holds its admission slot until the session gives it
+/// back. Holds the count, not the node: it is dropped with the socket on
+/// the closer thread, where the node's last reference must not end up.
 pub struct ConnGuard {
-    node: Arc<Node>,
+    connections: Arc<AtomicUsize>,
     pub(crate) slot: AdmissionSlot,
 }
 
 impl ConnGuard {
     /// Counts a new connection; returns the guard and the count with it.
-    pub(crate) fn new(node: &Arc<Node>, slot: AdmissionSlot) -> (Self, usize) {
+    pub(crate) fn new(node: &Node, slot: AdmissionSlot) -> (Self, usize) {
         let count = node.connections.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!("csms_connections").increment(1.0);
         let guard = ConnGuard {
-            node: node.clone(),
+            connections: node.connections.clone(),
             slot,
         };
         (guard, count)
@@ -123,7 +129,7 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        self.connections.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("csms_connections").decrement(1.0);
     }
 }
@@ -612,8 +618,9 @@ pub(crate) fn test_node(dir: &std::path::Path) -> (Arc<Node>, crate::wal::Wal) {
         wal: wal_handle,
         status: crate::status::StatusStore::embedded(),
         sessions: Default::default(),
-        connections: AtomicUsize::new(0),
+        connections: Default::default(),
         next_conn_id: AtomicU64::new(1),
+        closer: Closer::spawn().unwrap(),
         config,
     });
     (node, wal)

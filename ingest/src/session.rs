@@ -439,6 +439,11 @@ where
     }
     metrics::gauge!("csms_sessions").decrement(1.0);
     info!(station = %s.station, reason, "station disconnected");
+    // The socket is closed on the closer thread: when a whole fleet drops
+    // at once, closing thousands of sockets here would hold up every
+    // station still connected to this node (see `crate::closer`).
+    let Session { node, ws, conn, .. } = s;
+    node.closer.close((ws, conn));
 }
 
 fn now_us() -> i64 {
@@ -879,5 +884,38 @@ mod tests {
         assert!(size <= 1536, "session future grew to {size} bytes");
         drop(fut);
         drop(client);
+    }
+
+    /// An ended session's socket is closed by the closer thread, and stays
+    /// counted against `max_connections` until it has been.
+    #[tokio::test]
+    async fn an_ended_session_leaves_its_socket_to_the_closer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _wal) = node(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (guard, _) = ConnGuard::new(&node, crate::admission::AdmissionSlot::none());
+        let ws = WsConn::new(tcp, Vec::new(), 65_536);
+        let session = tokio::spawn(run(node.clone(), ws, "CP1".into(), OcppVersion::V16, guard));
+        assert_eq!(node.connections.load(Ordering::Relaxed), 1);
+        assert!(node.sessions.contains_key("CP1"));
+        // The station loses power: no close frame, just the end of its socket.
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the session ends at end-of-file")
+            .unwrap();
+        assert!(!node.sessions.contains_key("CP1"));
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while (node.connections.load(Ordering::Relaxed) > 0 || node.closer.pending() > 0)
+            && std::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(node.connections.load(Ordering::Relaxed), 0);
+        assert_eq!(node.closer.pending(), 0);
     }
 }

@@ -36,28 +36,40 @@ use crate::schedule::ScheduleParams;
 use crate::station::{Pacing, Phase, Station, StationConfig};
 use crate::stats::{Progress, Stats, Summary};
 
-/// Where slow CALLs fall in time: their count, the seconds (relative to the
-/// first) that held them, the busiest few. A stall shows as a few seconds
-/// holding most of them; a steady tail as many seconds with a few each.
-fn slow_calls_line(slow: &[(u64, u64)], run_started_unix: u64) -> Option<String> {
+/// Where slow CALLs fall in time: their count, the seconds that held them
+/// and the busiest few, each as seconds after `reference` (unix seconds,
+/// named by `what`). A stall shows as a few seconds holding most of them; a
+/// steady tail as many seconds with a few each.
+fn slow_calls_line(slow: &[(u64, u64)], reference: u64, what: &str) -> Option<String> {
     let first = slow.iter().map(|p| p.0).min()?;
     let last = slow.iter().map(|p| p.0).max().unwrap_or(first);
     let total: u64 = slow.iter().map(|p| p.1).sum();
-    let mut busiest: Vec<(u64, u64)> = slow.iter().map(|(t, n)| (*t - first, *n)).collect();
+    // Negative: before the reference (e.g. connect phase boots).
+    let after = |t: u64| t as i64 - reference as i64;
+    let mut busiest: Vec<(u64, u64)> = slow.to_vec();
     busiest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let top: Vec<String> = busiest
         .iter()
         .take(5)
-        .map(|(t, n)| format!("+{t}s: {n}"))
+        .map(|(t, n)| format!("{:+}s: {n}", after(*t)))
         .collect();
-    // Negative: before the run phase (connect phase boots).
-    let offset = first as i64 - run_started_unix as i64;
     Some(format!(
-        "{total} in {} distinct seconds over {} s, from {offset:+} s after the run phase began; busiest {}",
+        "{total} in {} distinct seconds over {} s, from {:+} s after {what}; busiest {}",
         slow.len(),
         last - first + 1,
+        after(first),
         top.join(", ")
     ))
+}
+
+/// The instant slow CALLs are placed against: the storm's drop in a storm
+/// run (its tail is what the run is about), else the start of the run phase.
+fn time_reference(s: &Summary) -> (u64, &'static str) {
+    if s.storm_started_unix > 0 {
+        (s.storm_started_unix, "the storm's drop")
+    } else {
+        (s.run_started_unix, "the run phase began")
+    }
 }
 
 /// `p50 / p99 / p99.999 / max` of a histogram in ms, and its count.
@@ -353,7 +365,8 @@ impl fmt::Display for Report {
                 "CALL latency max".into(),
                 format!("{:.2} ms", h.max() as f64 / 1000.0),
             ));
-            if let Some(line) = slow_calls_line(&s.slow_calls, s.run_started_unix) {
+            let (reference, what) = time_reference(s);
+            if let Some(line) = slow_calls_line(&s.slow_calls, reference, what) {
                 rows.push((
                     format!(
                         "CALLs over {} s, by second answered",
@@ -394,7 +407,8 @@ impl fmt::Display for Report {
                 latency_line(&s.runtime_lag, "10 ms timer samples"),
             ));
             // On the same clock as the slow CALLs: do they fall together?
-            if let Some(line) = slow_calls_line(&s.lag_spikes, s.run_started_unix) {
+            let (reference, what) = time_reference(s);
+            if let Some(line) = slow_calls_line(&s.lag_spikes, reference, what) {
                 rows.push((
                     format!(
                         "loadgen's lag over {} ms, by second",
@@ -986,6 +1000,7 @@ impl Fleet {
         let before = self.stats.progress().answered;
         let run_start = Instant::now();
         let run_started_unix = stats::unix_secs();
+        let mut storm_started_unix = 0;
         let _ = phase_tx.send(Phase::Running);
         let limit = Duration::from_secs(self.args.duration_secs);
         if self.args.mode == Mode::Storm {
@@ -997,6 +1012,7 @@ impl Fleet {
                 .accepted
                 .load(std::sync::atomic::Ordering::Relaxed);
             let _ = self.cfg.storm_at.set(Instant::now());
+            storm_started_unix = stats::unix_secs();
             let _ = phase_tx.send(Phase::Storm);
             // Timestamped, to line the storm up with the server's log.
             tracing::info!(stations = dropped, "storm: dropping every socket");
@@ -1038,6 +1054,7 @@ impl Fleet {
         summary.run_answered = answered;
         summary.run_secs = run_secs;
         summary.run_started_unix = run_started_unix;
+        summary.storm_started_unix = storm_started_unix;
         Ok(summary)
     }
 }
@@ -1045,6 +1062,27 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_calls_are_placed_against_the_storm_when_there_was_one() {
+        let mut s = Stats::default().summary();
+        s.run_started_unix = 1_000;
+        s.slow_calls = vec![(1_012, 3), (1_013, 40), (1_020, 1)];
+        let (at, what) = time_reference(&s);
+        assert_eq!(
+            slow_calls_line(&s.slow_calls, at, what).unwrap(),
+            "44 in 3 distinct seconds over 9 s, from +12 s after the run phase began; \
+             busiest +13s: 40, +12s: 3, +20s: 1"
+        );
+        s.storm_started_unix = 1_011;
+        let (at, what) = time_reference(&s);
+        assert_eq!(
+            slow_calls_line(&s.slow_calls, at, what).unwrap(),
+            "44 in 3 distinct seconds over 9 s, from +1 s after the storm's drop; \
+             busiest +2s: 40, +1s: 3, +9s: 1"
+        );
+        assert_eq!(slow_calls_line(&[], at, what), None);
+    }
 
     #[test]
     fn shares_cover_all_stations_once() {

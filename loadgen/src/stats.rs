@@ -39,6 +39,14 @@ pub fn unix_secs() -> u64 {
         .map_or(0, |t| t.as_secs())
 }
 
+/// The earlier of two unix times, 0 meaning "never".
+fn earliest(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, t) | (t, 0) => t,
+        (a, b) => a.min(b),
+    }
+}
+
 /// Records `d` into a shared histogram (clamped to its bounds).
 fn record(h: &Mutex<Histogram<u64>>, d: Duration) {
     let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
@@ -216,6 +224,7 @@ impl Stats {
             run_answered: 0,
             run_secs: 0.0,
             run_started_unix: 0,
+            storm_started_unix: 0,
         }
     }
 }
@@ -281,6 +290,10 @@ pub struct Summary {
     /// processes), to place slow CALLs in the run.
     #[serde(default)]
     pub run_started_unix: u64,
+    /// When the storm dropped every socket (unix seconds; the earliest of
+    /// the processes; 0: no storm).
+    #[serde(default)]
+    pub storm_started_unix: u64,
 }
 
 impl Summary {
@@ -317,11 +330,8 @@ impl Summary {
         merge_by_second(&mut self.lag_spikes, &o.lag_spikes);
         self.run_answered += o.run_answered;
         self.run_secs = self.run_secs.max(o.run_secs);
-        self.run_started_unix = match (self.run_started_unix, o.run_started_unix) {
-            (0, b) => b,
-            (a, 0) => a,
-            (a, b) => a.min(b),
-        };
+        self.run_started_unix = earliest(self.run_started_unix, o.run_started_unix);
+        self.storm_started_unix = earliest(self.storm_started_unix, o.storm_started_unix);
         Ok(())
     }
 
@@ -414,6 +424,8 @@ mod tests {
         let mut sb = b.summary();
         sb.run_answered = 1;
         sb.run_secs = 12.0;
+        // Only b saw the storm; a process without one does not hide it.
+        sb.storm_started_unix = 1_700_000_010;
         // Through the worker wire format, as the parent receives it.
         let sb: Summary = serde_json::from_str(&serde_json::to_string(&sb).unwrap()).unwrap();
         sa.merge(&sb).unwrap();
@@ -441,6 +453,7 @@ mod tests {
         assert_eq!(sa.errors_by_code["InternalError"], 1);
         assert_eq!(sa.call_errors, 3);
         assert_eq!(sa.run_secs, 12.0);
+        assert_eq!(sa.storm_started_unix, 1_700_000_010);
         assert!((sa.throughput() - 100.0 / 12.0).abs() < 1e-9);
     }
 

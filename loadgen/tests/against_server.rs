@@ -24,6 +24,26 @@ impl Drop for Server {
     }
 }
 
+/// `$CSMS_BIN`, else the `csms` built next to this test (`target/<profile>/`,
+/// wherever `CARGO_TARGET_DIR` put it).
+fn csms_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CSMS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .join("csms");
+    assert!(
+        bin.exists(),
+        "no csms binary at {}: run `cargo build --workspace` first or set CSMS_BIN",
+        bin.display()
+    );
+    bin
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -34,14 +54,7 @@ fn free_port() -> u16 {
 
 /// `authenticate`: stations must be registered (no `CSMS_ALLOW_UNKNOWN`).
 async fn start_server(authenticate: bool) -> Server {
-    let bin = std::env::var_os("CSMS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.cache/csms-target/debug/csms"));
-    assert!(
-        bin.exists(),
-        "no csms binary at {}: build it or set CSMS_BIN",
-        bin.display()
-    );
+    let bin = csms_bin();
     let dir = std::env::temp_dir().join(format!("loadgen-it-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
@@ -177,10 +190,7 @@ async fn stations_with_their_own_passwords() {
     );
     let text = std::fs::read_to_string(&csv).unwrap();
     assert!(text.contains("AUTH000003,s3cret-AUTH000003-pw\n"), "{text}");
-    let bin = std::env::var_os("CSMS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.cache/csms-target/debug/csms"));
-    let out = Command::new(bin)
+    let out = Command::new(csms_bin())
         .args(["stations", "import"])
         .arg(&csv)
         .env("CSMS_DATA_DIR", server.dir.join("data"))
