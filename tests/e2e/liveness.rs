@@ -66,6 +66,14 @@ async fn newer_connection_replaces_the_older() {
             .unwrap()
             >= 1.0
     );
+    // Each answered CALL is timed under its action's name.
+    assert!(
+        server
+            .metric("csms_call_seconds_count", &[("action", "Heartbeat")])
+            .await
+            .unwrap()
+            >= 2.0
+    );
     let r = server
         .admin_request("GET", "/api/stations/TWICE", None)
         .await
