@@ -74,7 +74,7 @@ pub async fn serve(
         // Bounded and paced while the node is saturated: a connection not
         // yet accepted waits in the kernel's queue, where it costs the node
         // nothing.
-        let slot = tokio::select! {
+        let mut slot = tokio::select! {
             _ = shutdown.cancelled() => return,
             slot = node.admission.slot() => slot,
         };
@@ -97,7 +97,6 @@ pub async fn serve(
                 }
             },
         };
-        let mut slot = slot;
         node.admission.hold_from_now(&mut slot);
         let node = node.clone();
         let tls = tls.clone();

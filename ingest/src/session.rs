@@ -868,19 +868,31 @@ mod tests {
         crate::server::test_node(dir)
     }
 
+    /// An accepted loopback connection, counted by `node`: the client's
+    /// end, the server's end as a WebSocket, and its guard.
+    async fn connection(
+        node: &Node,
+    ) -> (
+        tokio::net::TcpStream,
+        WsConn<tokio::net::TcpStream>,
+        ConnGuard,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (guard, _) = ConnGuard::new(node, crate::admission::AdmissionSlot::none());
+        (client, WsConn::new(tcp, Vec::new(), 65_536), guard)
+    }
+
     /// The idle session is the per-station cost of a node: keep its task
     /// small (the work per message is boxed, see `run`).
     #[tokio::test]
     async fn idle_session_future_is_small() {
         let dir = tempfile::tempdir().unwrap();
         let (node, _wal) = node(dir.path());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (guard, _) = ConnGuard::new(&node, crate::admission::AdmissionSlot::none());
-        let ws = WsConn::new(tcp, Vec::new(), 65_536);
+        let (client, ws, guard) = connection(&node).await;
         let fut = run(node.clone(), ws, "CP1".into(), OcppVersion::V16, guard);
         let size = std::mem::size_of_val(&fut);
         println!("idle session future: {size} bytes");
@@ -895,13 +907,7 @@ mod tests {
     async fn an_ended_session_leaves_its_socket_to_the_closer() {
         let dir = tempfile::tempdir().unwrap();
         let (node, _wal) = node(dir.path());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (guard, _) = ConnGuard::new(&node, crate::admission::AdmissionSlot::none());
-        let ws = WsConn::new(tcp, Vec::new(), 65_536);
+        let (client, ws, guard) = connection(&node).await;
         let session = tokio::spawn(run(node.clone(), ws, "CP1".into(), OcppVersion::V16, guard));
         assert_eq!(node.connections.load(Ordering::Relaxed), 1);
         assert!(node.sessions.contains_key("CP1"));

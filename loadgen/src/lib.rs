@@ -272,6 +272,8 @@ impl fmt::Display for Report {
         let s = &self.summary;
         let a = &self.args;
         let h = &s.latency;
+        // Slow CALLs and lag spikes are placed against the same instant.
+        let (reference, what) = time_reference(s);
         let ms = |q: f64| format!("{:.2} ms", h.value_at_quantile(q) as f64 / 1000.0);
         let mut rows: Vec<(String, String)> = vec![
             (
@@ -365,7 +367,6 @@ impl fmt::Display for Report {
                 "CALL latency max".into(),
                 format!("{:.2} ms", h.max() as f64 / 1000.0),
             ));
-            let (reference, what) = time_reference(s);
             if let Some(line) = slow_calls_line(&s.slow_calls, reference, what) {
                 rows.push((
                     format!(
@@ -407,7 +408,6 @@ impl fmt::Display for Report {
                 latency_line(&s.runtime_lag, "10 ms timer samples"),
             ));
             // On the same clock as the slow CALLs: do they fall together?
-            let (reference, what) = time_reference(s);
             if let Some(line) = slow_calls_line(&s.lag_spikes, reference, what) {
                 rows.push((
                     format!(
